@@ -1,0 +1,42 @@
+# vmportal: `make run` starts the whole stack, `make test` runs the tests.
+SHELL := /bin/bash
+PORT ?= 8000
+export LIBVIRT_URI ?= qemu:///system
+PY := .venv/bin/python
+
+.PHONY: run test lint setup setup-test services prepare bench fmt clean
+
+run: setup services prepare
+	@echo "vmportal: open http://127.0.0.1:$(PORT)/ (log in as admin); Ctrl-C stops everything"
+	VMPORTAL_PORT=$(PORT) exec .venv/bin/honcho start -f Procfile
+
+test: setup-test
+	scripts/test.sh $(ARGS)
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy vmportal provisioning
+
+fmt: setup
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .
+
+setup:
+	scripts/setup.sh
+
+setup-test:
+	scripts/setup.sh --test
+
+services:
+	scripts/ensure-redis.sh
+	scripts/ensure-libvirtd.sh
+
+prepare:
+	$(PY) manage.py collectstatic --noinput -v0
+	$(PY) manage.py migrate --noinput -v0
+	$(PY) manage.py ensure_admin
+	$(PY) manage.py seed_demo
+
+clean:
+	rm -rf .venv node_modules static/vendor var/staticfiles

@@ -1,0 +1,115 @@
+"""The Django admin: staff curate hosts, storage, media, networks, templates and quotas."""
+
+from django.contrib import admin
+
+from . import models
+
+
+@admin.register(models.Host)
+class HostAdmin(admin.ModelAdmin):
+    list_display = ("name", "uri", "enabled", "domain_type", "detected_domain_type", "last_seen")
+    list_filter = ("enabled", "domain_type")
+    search_fields = ("name", "uri")
+    readonly_fields = ("detected_domain_type", "last_seen", "created")
+
+
+@admin.register(models.StoragePool)
+class StoragePoolAdmin(admin.ModelAdmin):
+    list_display = ("name", "host", "path", "for_guest_disks")
+    list_filter = ("host", "for_guest_disks")
+    search_fields = ("name", "path")
+
+
+@admin.register(models.Network)
+class NetworkAdmin(admin.ModelAdmin):
+    list_display = ("name", "host", "kind", "source")
+    list_filter = ("host", "kind")
+    search_fields = ("name", "source")
+
+
+@admin.register(models.Media)
+class MediaAdmin(admin.ModelAdmin):
+    list_display = ("name", "kind", "pool", "volume", "path", "kernel_path")
+    list_filter = ("kind",)
+    search_fields = ("name", "description", "volume", "path", "kernel_path")
+
+
+@admin.register(models.GuestTemplate)
+class GuestTemplateAdmin(admin.ModelAdmin):
+    list_display = ("name", "method", "lifecycle", "version", "enabled", "host", "updated")
+    list_filter = ("method", "lifecycle", "enabled", "host")
+    search_fields = ("name", "description")
+    readonly_fields = ("version", "created", "updated")
+    fieldsets = (
+        (None, {"fields": ("name", "description", "enabled", "version", "host")}),
+        (
+            "Installation",
+            {
+                "fields": (
+                    "method",
+                    "lifecycle",
+                    "media",
+                    "network",
+                    "pool",
+                    "base_volume",
+                    "kernel_cmdline",
+                    "final_boot",
+                    "bootloader_path",
+                    "install_timeout_minutes",
+                )
+            },
+        ),
+        (
+            "Sizes users may pick",
+            {
+                "fields": (
+                    ("vcpus_min", "vcpus_default", "vcpus_max"),
+                    ("memory_mib_min", "memory_mib_default", "memory_mib_max"),
+                    ("disk_mib_min", "disk_mib_default", "disk_mib_max"),
+                )
+            },
+        ),
+        ("Options", {"fields": ("start_paused", "autodestroy", "autostart")}),
+    )
+
+
+@admin.register(models.Guest)
+class GuestAdmin(admin.ModelAdmin):
+    list_display = ("name", "owner", "host", "state", "state_reason", "persistent", "autostart")
+    list_filter = ("state", "host", "persistent", "autostart")
+    search_fields = ("name", "uuid", "owner__username")
+    list_select_related = ("owner", "host")
+    readonly_fields = ("uuid", "state", "state_reason", "state_changed", "created")
+
+
+class JobEventInline(admin.TabularInline):
+    model = models.JobEvent
+    extra = 0
+    readonly_fields = ("created", "kind", "message", "progress")
+    can_delete = False
+
+
+@admin.register(models.ProvisioningRequest)
+class ProvisioningRequestAdmin(admin.ModelAdmin):
+    list_display = ("name", "owner", "template", "template_version", "host", "status", "created")
+    list_filter = ("status", "host", "template")
+    search_fields = ("name", "owner__username", "error")
+    list_select_related = ("owner", "template", "host")
+    readonly_fields = ("created", "updated", "completed")
+
+
+@admin.register(models.Job)
+class JobAdmin(admin.ModelAdmin):
+    list_display = ("id", "kind", "status", "guest", "request", "progress", "created", "completed")
+    list_filter = ("status", "kind")
+    search_fields = ("guest__name", "request__name", "error")
+    list_select_related = ("guest", "request")
+    readonly_fields = ("created", "started", "completed")
+    inlines = [JobEventInline]
+
+
+@admin.register(models.Quota)
+class QuotaAdmin(admin.ModelAdmin):
+    list_display = ("__str__", "max_guests", "max_vcpus", "max_memory_mib", "max_disk_mib")
+    search_fields = ("user__username", "group__name")
+    list_select_related = ("user", "group")

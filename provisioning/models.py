@@ -1,0 +1,477 @@
+"""Data of the portal: hosts, registered storage and media, templates, requests, jobs, guests, quotas."""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from pathlib import PurePosixPath
+
+from django.conf import settings
+from django.contrib.auth.models import Group
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import models
+from django.db.models import F, Q
+
+NAME_VALIDATOR = RegexValidator(
+    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+    "Use 1-63 letters, digits, dots, dashes or underscores, starting with a letter or digit.",
+)
+
+
+def _absolute_path(value: str) -> None:
+    if value and (not PurePosixPath(value).is_absolute() or ".." in PurePosixPath(value).parts):
+        raise ValidationError("Give an absolute path on the host, without '..'.")
+
+
+class Host(models.Model):
+    """A hypervisor the portal places guests on, reached through its libvirt URI."""
+
+    class DomainType(models.TextChoices):
+        AUTO = "auto", "Detect (KVM when it really runs guests)"
+        KVM = "kvm", "KVM"
+        QEMU = "qemu", "Software emulation (QEMU TCG)"
+
+    name = models.CharField(max_length=63, unique=True, validators=[NAME_VALIDATOR])
+    uri = models.CharField("libvirt URI", max_length=255, unique=True)
+    enabled = models.BooleanField(default=True)
+    capacity_vcpus = models.PositiveIntegerField(default=8)
+    capacity_memory_mib = models.PositiveIntegerField(default=8192)
+    capacity_disk_gib = models.PositiveIntegerField(default=100)
+    domain_type = models.CharField(max_length=8, choices=DomainType, default=DomainType.AUTO)
+    detected_domain_type = models.CharField(max_length=8, blank=True)
+    last_seen = models.DateTimeField(null=True, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def queue(self) -> str:
+        """The Celery queue whose workers can reach this host's libvirt."""
+        return f"hv.{self.name}"
+
+
+class StoragePool(models.Model):
+    """A libvirt storage pool registered by an admin; guest disks are volumes in it."""
+
+    host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="pools")
+    name = models.CharField(max_length=63, validators=[NAME_VALIDATOR])
+    path = models.CharField(
+        max_length=255,
+        validators=[_absolute_path],
+        help_text="Folder of a directory pool; the portal creates the pool when it is missing.",
+    )
+    for_guest_disks = models.BooleanField(default=True)
+
+    class Meta:
+        ordering = ["host__name", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["host", "name"], name="pool_unique_per_host"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.host}"
+
+
+class Network(models.Model):
+    """A libvirt network or host bridge that guest NICs attach to."""
+
+    class Kind(models.TextChoices):
+        NETWORK = "network", "libvirt network"
+        BRIDGE = "bridge", "host bridge"
+
+    host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="networks")
+    name = models.CharField(max_length=63, validators=[NAME_VALIDATOR])
+    kind = models.CharField(max_length=8, choices=Kind, default=Kind.NETWORK)
+    source = models.CharField(
+        max_length=63,
+        validators=[NAME_VALIDATOR],
+        help_text="Name of the libvirt network, or of the bridge on the host.",
+    )
+
+    class Meta:
+        ordering = ["host__name", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["host", "name"], name="network_unique_per_host"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.host}"
+
+
+class Media(models.Model):
+    """Installation media registered by an admin: an ISO image or a kernel + initrd pair."""
+
+    class Kind(models.TextChoices):
+        ISO = "iso", "ISO image"
+        KERNEL = "kernel", "Kernel + initrd"
+
+    name = models.CharField(max_length=100, unique=True)
+    kind = models.CharField(max_length=8, choices=Kind)
+    description = models.TextField(blank=True)
+    pool = models.ForeignKey(
+        StoragePool, null=True, blank=True, on_delete=models.PROTECT, related_name="media"
+    )
+    volume = models.CharField(max_length=255, blank=True, help_text="ISO as a volume of the pool.")
+    path = models.CharField(max_length=255, blank=True, validators=[_absolute_path])
+    kernel_path = models.CharField(max_length=255, blank=True, validators=[_absolute_path])
+    initrd_path = models.CharField(max_length=255, blank=True, validators=[_absolute_path])
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name_plural = "media"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        if self.kind == self.Kind.ISO:
+            by_volume = bool(self.pool_id and self.volume)
+            if by_volume == bool(self.path):
+                raise ValidationError("An ISO needs either a pool and volume, or a host path.")
+        elif self.kind == self.Kind.KERNEL:
+            if not (self.kernel_path and self.initrd_path):
+                raise ValidationError("Kernel media need both a kernel path and an initrd path.")
+
+
+class GuestTemplate(models.Model):
+    """What users may ask for: a provisioning method, its media and the sizes they may pick."""
+
+    class Method(models.TextChoices):
+        CDROM = "cdrom", "CD-ROM / ISO install"
+        PXE = "pxe", "PXE network install"
+        KERNEL = "kernel", "Direct kernel boot install"
+        IMPORT = "import", "Import an existing disk"
+
+    class Lifecycle(models.TextChoices):
+        INSTALL = "install", "Install, then a persistent guest"
+        PERSISTENT = "persistent", "Persistent only (define + start)"
+        TRANSIENT = "transient", "Transient only (createXML)"
+
+    class FinalBoot(models.TextChoices):
+        HD = "hd", "BIOS, boot from disk"
+        BOOTLOADER = "bootloader", "Host bootloader"
+
+    name = models.CharField(max_length=100, unique=True)
+    description = models.TextField(blank=True)
+    enabled = models.BooleanField(default=True)
+    version = models.PositiveIntegerField(default=1, editable=False)
+    method = models.CharField(max_length=8, choices=Method)
+    lifecycle = models.CharField(max_length=12, choices=Lifecycle, default=Lifecycle.INSTALL)
+    media = models.ForeignKey(
+        Media, null=True, blank=True, on_delete=models.PROTECT, related_name="templates"
+    )
+    network = models.ForeignKey(
+        Network, null=True, blank=True, on_delete=models.PROTECT, related_name="templates"
+    )
+    pool = models.ForeignKey(
+        StoragePool,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="templates",
+        help_text="Pool for guest disks; the host's first guest-disk pool when empty.",
+    )
+    base_volume = models.CharField(
+        max_length=255, blank=True, help_text="Import: the volume in the pool to clone."
+    )
+    host = models.ForeignKey(
+        Host,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="pinned_templates",
+        help_text="Pin guests of this template to one host.",
+    )
+    kernel_cmdline = models.CharField(max_length=2048, blank=True)
+    final_boot = models.CharField(max_length=12, choices=FinalBoot, default=FinalBoot.HD)
+    bootloader_path = models.CharField(max_length=255, blank=True, validators=[_absolute_path])
+    vcpus_default = models.PositiveIntegerField(default=1, validators=[MinValueValidator(1)])
+    vcpus_min = models.PositiveIntegerField(default=1, validators=[MinValueValidator(1)])
+    vcpus_max = models.PositiveIntegerField(default=4, validators=[MaxValueValidator(256)])
+    memory_mib_default = models.PositiveIntegerField(default=512)
+    memory_mib_min = models.PositiveIntegerField(default=128, validators=[MinValueValidator(16)])
+    memory_mib_max = models.PositiveIntegerField(default=4096)
+    disk_mib_default = models.PositiveIntegerField(default=1024)
+    disk_mib_min = models.PositiveIntegerField(default=64, validators=[MinValueValidator(1)])
+    disk_mib_max = models.PositiveIntegerField(default=20480)
+    start_paused = models.BooleanField(default=False)
+    autodestroy = models.BooleanField(default=False)
+    autostart = models.BooleanField(default=False)
+    install_timeout_minutes = models.PositiveIntegerField(
+        default=60, validators=[MinValueValidator(1)]
+    )
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(vcpus_min__lte=F("vcpus_default"), vcpus_default__lte=F("vcpus_max")),
+                name="template_vcpus_in_range",
+            ),
+            models.CheckConstraint(
+                condition=Q(
+                    memory_mib_min__lte=F("memory_mib_default"),
+                    memory_mib_default__lte=F("memory_mib_max"),
+                ),
+                name="template_memory_in_range",
+            ),
+            models.CheckConstraint(
+                condition=Q(
+                    disk_mib_min__lte=F("disk_mib_default"), disk_mib_default__lte=F("disk_mib_max")
+                ),
+                name="template_disk_in_range",
+            ),
+            models.CheckConstraint(
+                condition=~Q(lifecycle="transient", autostart=True),
+                name="template_transient_not_autostart",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} (v{self.version})"
+
+    def clean(self) -> None:
+        errors: dict[str, str] = {}
+        for field in ("vcpus", "memory_mib", "disk_mib"):
+            low, default, high = (getattr(self, f"{field}_{k}") for k in ("min", "default", "max"))
+            if not low <= default <= high:
+                errors[f"{field}_default"] = "The default must lie between the minimum and maximum."
+        needs = {
+            self.Method.CDROM: Media.Kind.ISO,
+            self.Method.KERNEL: Media.Kind.KERNEL,
+        }
+        wanted = needs.get(self.method)
+        if wanted and (self.media is None or self.media.kind != wanted):
+            errors["media"] = f"This method needs media of kind '{Media.Kind(wanted).label}'."
+        if self.method == self.Method.PXE and self.network is None:
+            errors["network"] = "PXE installs need a network."
+        if self.method == self.Method.IMPORT and not self.base_volume:
+            errors["base_volume"] = "Imports need the base volume to clone."
+        if self.final_boot == self.FinalBoot.BOOTLOADER and not self.bootloader_path:
+            errors["bootloader_path"] = "Give the host bootloader's path."
+        if self.lifecycle == self.Lifecycle.TRANSIENT and self.autostart:
+            errors["autostart"] = "Transient guests cannot autostart."
+        if self.autodestroy and self.lifecycle != self.Lifecycle.TRANSIENT:
+            errors["autodestroy"] = "Only transient guests can be autodestroyed."
+        if errors:
+            raise ValidationError(errors)
+
+
+class Guest(models.Model):
+    """A libvirt domain the portal made, mirrored from the hypervisor (state kept fresh by events)."""
+
+    class State(models.TextChoices):
+        UNDEFINED = "undefined", "Undefined"
+        DEFINED = "defined", "Stopped"
+        RUNNING = "running", "Running"
+        PAUSED = "paused", "Paused"
+        SAVED = "saved", "Saved"
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="guests")
+    host = models.ForeignKey(Host, on_delete=models.PROTECT, related_name="guests")
+    template = models.ForeignKey(
+        GuestTemplate, null=True, blank=True, on_delete=models.SET_NULL, related_name="guests"
+    )
+    template_version = models.PositiveIntegerField(null=True, blank=True)
+    name = models.CharField(max_length=63, validators=[NAME_VALIDATOR])
+    uuid = models.UUIDField(default=uuidlib.uuid4, unique=True)
+    mac = models.CharField(max_length=17, blank=True)
+    state = models.CharField(max_length=10, choices=State, default=State.UNDEFINED, db_index=True)
+    state_reason = models.CharField(max_length=32, blank=True)
+    state_changed = models.DateTimeField(null=True, blank=True)
+    persistent = models.BooleanField(default=False)
+    autostart = models.BooleanField(default=False)
+    vcpus = models.PositiveIntegerField(default=1)
+    memory_mib = models.PositiveIntegerField(default=512)
+    disk_mib = models.PositiveIntegerField(default=0)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(fields=["host", "name"], name="guest_name_unique_per_host"),
+            models.CheckConstraint(condition=Q(vcpus__gte=1), name="guest_has_vcpus"),
+        ]
+        indexes = [models.Index(fields=["owner", "name"])]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ProvisioningRequest(models.Model):
+    """A user's ask for a guest from a template, and where it stands."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        ADMITTED = "admitted", "Admitted"
+        PREPARING = "preparing", "Preparing disk"
+        INSTALLING = "installing", "Installing"
+        WAITING = "waiting", "Waiting for the installer"
+        DEFINING = "defining", "Defining"
+        STARTING = "starting", "Starting"
+        RUNNING = "running", "Running"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    FINAL = frozenset({Status.RUNNING, Status.FAILED, Status.CANCELLED})
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="provisioning_requests"
+    )
+    template = models.ForeignKey(GuestTemplate, on_delete=models.PROTECT, related_name="requests")
+    template_version = models.PositiveIntegerField()
+    name = models.CharField(max_length=63, validators=[NAME_VALIDATOR])
+    vcpus = models.PositiveIntegerField(validators=[MinValueValidator(1)])
+    memory_mib = models.PositiveIntegerField(validators=[MinValueValidator(16)])
+    disk_mib = models.PositiveIntegerField(validators=[MinValueValidator(1)])
+    start_paused = models.BooleanField(default=False)
+    autostart = models.BooleanField(default=False)
+    autodestroy = models.BooleanField(default=False)
+    host = models.ForeignKey(
+        Host, null=True, blank=True, on_delete=models.PROTECT, related_name="requests"
+    )
+    guest = models.OneToOneField(
+        Guest, null=True, blank=True, on_delete=models.SET_NULL, related_name="request"
+    )
+    status = models.CharField(
+        max_length=12, choices=Status, default=Status.PENDING, db_index=True
+    )
+    error = models.TextField(blank=True)
+    deadline = models.DateTimeField(null=True, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+    completed = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.get_status_display()})"
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in self.FINAL
+
+
+class Job(models.Model):
+    """One unit of work on a guest or request, with its steps and log (the source of progress)."""
+
+    class Kind(models.TextChoices):
+        PROVISION = "provision", "Provision"
+        START = "start", "Start"
+        SHUTDOWN = "shutdown", "Shut down"
+        FORCE_OFF = "force_off", "Force off"
+        REBOOT = "reboot", "Reboot"
+        SUSPEND = "suspend", "Suspend"
+        RESUME = "resume", "Resume"
+        SAVE = "save", "Save"
+        RESTORE = "restore", "Restore"
+        MANAGED_SAVE = "managed_save", "Managed save"
+        AUTOSTART_ON = "autostart_on", "Autostart on"
+        AUTOSTART_OFF = "autostart_off", "Autostart off"
+        DELETE = "delete", "Delete"
+        REPROVISION = "reprovision", "Reprovision"
+        MIGRATE = "migrate", "Migrate"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    ACTIVE = (Status.QUEUED, Status.RUNNING)
+
+    kind = models.CharField(max_length=16, choices=Kind)
+    status = models.CharField(max_length=10, choices=Status, default=Status.QUEUED, db_index=True)
+    guest = models.ForeignKey(
+        Guest, null=True, blank=True, on_delete=models.CASCADE, related_name="jobs"
+    )
+    request = models.ForeignKey(
+        ProvisioningRequest, null=True, blank=True, on_delete=models.CASCADE, related_name="jobs"
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    progress = models.PositiveSmallIntegerField(default=0, validators=[MaxValueValidator(100)])
+    error = models.TextField(blank=True)
+    data = models.JSONField(default=dict, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+    started = models.DateTimeField(null=True, blank=True)
+    completed = models.DateTimeField(null=True, blank=True)
+    deadline = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created"]
+        constraints = [
+            # One mutating job per guest at a time; a second one is refused by the database itself.
+            models.UniqueConstraint(
+                fields=["guest"],
+                condition=Q(status__in=["queued", "running"]),
+                name="one_active_job_per_guest",
+            ),
+            models.CheckConstraint(condition=Q(progress__lte=100), name="job_progress_percent"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} #{self.pk} ({self.get_status_display()})"
+
+
+class JobEvent(models.Model):
+    """An append-only line in a job's history: a step, a state change or a log line."""
+
+    class Kind(models.TextChoices):
+        STEP = "step", "Step"
+        LOG = "log", "Log"
+        STATE = "state", "State change"
+        CONSOLE = "console", "Console"
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="events")
+    created = models.DateTimeField(auto_now_add=True)
+    kind = models.CharField(max_length=8, choices=Kind, default=Kind.LOG)
+    message = models.TextField()
+    progress = models.PositiveSmallIntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created", "id"]
+
+    def __str__(self) -> str:
+        return self.message[:60]
+
+
+class Quota(models.Model):
+    """Limits on what a user, or each member of a group, may hold at once."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="quota"
+    )
+    group = models.OneToOneField(
+        Group, null=True, blank=True, on_delete=models.CASCADE, related_name="quota"
+    )
+    max_guests = models.PositiveIntegerField(default=5)
+    max_vcpus = models.PositiveIntegerField(default=8)
+    max_memory_mib = models.PositiveIntegerField(default=8192)
+    max_disk_mib = models.PositiveIntegerField(default=102400)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(user__isnull=False) & Q(group__isnull=True))
+                | (Q(user__isnull=True) & Q(group__isnull=False)),
+                name="quota_for_user_xor_group",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"Quota for {self.user or self.group}"
+
+    def clean(self) -> None:
+        if bool(self.user_id) == bool(self.group_id):
+            raise ValidationError("A quota belongs to exactly one user or one group.")

@@ -1,0 +1,5 @@
+"""vmportal: a self-service portal for libvirt guests."""
+
+from .celery import app as celery_app
+
+__all__ = ("celery_app",)
