@@ -19,6 +19,7 @@ for _ in $(seq 1 50); do redis-cli -p "$port" ping 2>/dev/null | grep -q PONG &&
 export REDIS_URL="redis://127.0.0.1:$port/0"
 
 mkdir -p test-artifacts
+.venv/bin/python manage.py collectstatic --noinput -v0
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

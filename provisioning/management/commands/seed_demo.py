@@ -1,0 +1,25 @@
+"""Builds the tiny demo guest (cached under var/) and registers it as a template."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+from provisioning.demo.tinyguest import BuildError
+from provisioning.hypervisor.errors import HypervisorError
+from provisioning.services.demo import demo_seed
+from provisioning.services.hosts import host_ensure_local
+
+
+class Command(BaseCommand):
+    help = "Build the tiny real guest and register it as the template 'Tiny Linux (direct kernel boot)'."
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        host = host_ensure_local()
+        try:
+            demo_seed(host=host, log=self.stdout.write)
+        except BuildError as exc:
+            raise CommandError(f"demo: building the tiny guest failed: {exc}") from exc
+        except HypervisorError as exc:
+            raise CommandError(f"demo: libvirt at {host.uri} refused: {exc}") from exc

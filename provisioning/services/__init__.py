@@ -1,0 +1,1 @@
+"""Services: every write the portal makes, named <entity>_<action>."""

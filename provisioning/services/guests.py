@@ -1,0 +1,29 @@
+"""Guests: keeping each Guest row true to what libvirt reports."""
+
+from __future__ import annotations
+
+from django.utils import timezone
+
+from provisioning.hypervisor.types import DomainInfo
+from provisioning.models import Guest, Host
+
+
+def guest_sync_state(*, host: Host, info: DomainInfo) -> bool:
+    """Record libvirt's view of one domain on its Guest row; False when the portal has no such guest."""
+    updated = (
+        Guest.objects.filter(host=host, uuid=info.uuid)
+        .exclude(
+            state=info.state.value,
+            state_reason=info.reason[:32],
+            persistent=info.persistent,
+            autostart=info.autostart,
+        )
+        .update(
+            state=info.state.value,
+            state_reason=info.reason[:32],
+            persistent=info.persistent,
+            autostart=info.autostart,
+            state_changed=timezone.now(),
+        )
+    )
+    return bool(updated) or Guest.objects.filter(host=host, uuid=info.uuid).exists()
