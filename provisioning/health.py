@@ -52,7 +52,10 @@ def _heartbeats(part: str, what: str) -> PartHealth:
     if not seen:
         return PartHealth(False, f"no {what} heartbeat in the last {heartbeat.TTL_SECONDS} s")
     now = time.time()
-    details = {ident: {**info, "age_s": round(now - info.get("at", now), 1)} for ident, info in seen.items()}
+    details = {
+        ident: {**info, "age_s": round(now - info.get("at", now), 1)}
+        for ident, info in seen.items()
+    }
     return PartHealth(True, f"{len(seen)} alive", details)
 
 
@@ -67,9 +70,13 @@ def check_beat() -> PartHealth:
 def check_listener() -> PartHealth:
     result = _heartbeats("listener", "event listener")
     if result.ok:
-        disconnected = [ident for ident, info in result.details.items() if not info.get("connected")]
+        disconnected = [
+            ident for ident, info in result.details.items() if not info.get("connected")
+        ]
         if disconnected and len(disconnected) == len(result.details):
-            return PartHealth(False, "listener runs but is not connected to libvirt", result.details)
+            return PartHealth(
+                False, "listener runs but is not connected to libvirt", result.details
+            )
     return result
 
 

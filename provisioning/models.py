@@ -1,4 +1,4 @@
-"""Data of the portal: hosts, registered storage and media, templates, requests, jobs, guests, quotas."""
+"""The portal's data: hosts, registered storage and media, templates, requests, jobs, quotas."""
 
 from __future__ import annotations
 
@@ -129,13 +129,11 @@ class Media(models.Model):
         return self.name
 
     def clean(self) -> None:
-        if self.kind == self.Kind.ISO:
-            by_volume = bool(self.pool_id and self.volume)
-            if by_volume == bool(self.path):
-                raise ValidationError("An ISO needs either a pool and volume, or a host path.")
-        elif self.kind == self.Kind.KERNEL:
-            if not (self.kernel_path and self.initrd_path):
-                raise ValidationError("Kernel media need both a kernel path and an initrd path.")
+        by_volume = bool(self.pool_id and self.volume)
+        if self.kind == self.Kind.ISO and by_volume == bool(self.path):
+            raise ValidationError("An ISO needs either a pool and volume, or a host path.")
+        if self.kind == self.Kind.KERNEL and not (self.kernel_path and self.initrd_path):
+            raise ValidationError("Kernel media need both a kernel path and an initrd path.")
 
 
 class GuestTemplate(models.Model):
@@ -243,7 +241,7 @@ class GuestTemplate(models.Model):
             low, default, high = (getattr(self, f"{field}_{k}") for k in ("min", "default", "max"))
             if not low <= default <= high:
                 errors[f"{field}_default"] = "The default must lie between the minimum and maximum."
-        needs = {
+        needs: dict[str, str] = {
             self.Method.CDROM: Media.Kind.ISO,
             self.Method.KERNEL: Media.Kind.KERNEL,
         }
@@ -265,7 +263,7 @@ class GuestTemplate(models.Model):
 
 
 class Guest(models.Model):
-    """A libvirt domain the portal made, mirrored from the hypervisor (state kept fresh by events)."""
+    """A libvirt domain the portal made, mirrored from the hypervisor and kept fresh by events."""
 
     class State(models.TextChoices):
         UNDEFINED = "undefined", "Undefined"
@@ -274,7 +272,9 @@ class Guest(models.Model):
         PAUSED = "paused", "Paused"
         SAVED = "saved", "Saved"
 
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="guests")
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="guests"
+    )
     host = models.ForeignKey(Host, on_delete=models.PROTECT, related_name="guests")
     template = models.ForeignKey(
         GuestTemplate, null=True, blank=True, on_delete=models.SET_NULL, related_name="guests"
@@ -340,9 +340,7 @@ class ProvisioningRequest(models.Model):
     guest = models.OneToOneField(
         Guest, null=True, blank=True, on_delete=models.SET_NULL, related_name="request"
     )
-    status = models.CharField(
-        max_length=12, choices=Status, default=Status.PENDING, db_index=True
-    )
+    status = models.CharField(max_length=12, choices=Status, default=Status.PENDING, db_index=True)
     error = models.TextField(blank=True)
     deadline = models.DateTimeField(null=True, blank=True)
     created = models.DateTimeField(auto_now_add=True)
@@ -450,7 +448,11 @@ class Quota(models.Model):
     """Limits on what a user, or each member of a group, may hold at once."""
 
     user = models.OneToOneField(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="quota"
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="quota",
     )
     group = models.OneToOneField(
         Group, null=True, blank=True, on_delete=models.CASCADE, related_name="quota"

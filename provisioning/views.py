@@ -33,8 +33,8 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     )
     requests = ProvisioningRequest.objects.select_related("template").order_by("-created")
     if not request.user.is_staff:
-        guests = guests.filter(owner=request.user)
-        requests = requests.filter(owner=request.user)
+        guests = guests.filter(owner_id=request.user.pk)
+        requests = requests.filter(owner_id=request.user.pk)
     query = request.GET.get("q", "").strip()[:100]
     if query:
         guests = guests.filter(Q(name__icontains=query) | Q(owner__username__icontains=query))

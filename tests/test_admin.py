@@ -10,8 +10,15 @@ from provisioning import models
 
 pytestmark = pytest.mark.django_db
 MODELS = [
-    models.Host, models.StoragePool, models.Network, models.Media, models.GuestTemplate,
-    models.Guest, models.ProvisioningRequest, models.Job, models.Quota,
+    models.Host,
+    models.StoragePool,
+    models.Network,
+    models.Media,
+    models.GuestTemplate,
+    models.Guest,
+    models.ProvisioningRequest,
+    models.Job,
+    models.Quota,
 ]
 
 

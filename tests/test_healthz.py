@@ -22,7 +22,14 @@ def test_every_part_is_ok_when_the_whole_stack_runs(stack, client: Client) -> No
 
     body = wait_until(all_ok, timeout=60, what="every part of /healthz to be ok", every=0.5)
     parts = body["parts"]
-    assert set(parts) == {"database", "redis", "celery_workers", "celery_beat", "event_listener", "libvirt"}
+    assert set(parts) == {
+        "database",
+        "redis",
+        "celery_workers",
+        "celery_beat",
+        "event_listener",
+        "libvirt",
+    }
     assert all(part["ok"] for part in parts.values())
     assert any("hv.local" in w["queues"] for w in parts["celery_workers"]["details"].values())
     libvirt = parts["libvirt"]["details"]["test+unix:///default"]
@@ -55,8 +62,11 @@ def test_redis_stopped_gives_503_naming_redis_while_pages_still_serve(
     stack, client: Client, user_client: Client
 ) -> None:
     stack.start("worker")
-    wait_until(lambda: healthz(client)[1]["parts"]["celery_workers"]["ok"], timeout=60,
-               what="the worker's heartbeat")
+    wait_until(
+        lambda: healthz(client)[1]["parts"]["celery_workers"]["ok"],
+        timeout=60,
+        what="the worker's heartbeat",
+    )
     stack.redis.stop()
 
     status, body = healthz(client)
@@ -70,5 +80,8 @@ def test_redis_stopped_gives_503_naming_redis_while_pages_still_serve(
     assert b"My guests" in page.content
 
     stack.redis.start()
-    wait_until(lambda: healthz(client)[1]["parts"]["celery_workers"]["ok"], timeout=60,
-               what="the worker to beat again after Redis came back")
+    wait_until(
+        lambda: healthz(client)[1]["parts"]["celery_workers"]["ok"],
+        timeout=60,
+        what="the worker to beat again after Redis came back",
+    )

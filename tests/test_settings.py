@@ -13,13 +13,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 READ = (
     "import json, django; django.setup(); from django.conf import settings as s; "
-    "print(json.dumps({'db': s.DATABASES['default']['ENGINE'], 'db_name': str(s.DATABASES['default']['NAME']),"
+    "db = s.DATABASES['default']; "
+    "print(json.dumps({'db': db['ENGINE'], 'db_name': str(db['NAME']),"
     " 'redis': s.REDIS_URL, 'libvirt': s.LIBVIRT_URI, 'debug': s.DEBUG, 'hosts': s.ALLOWED_HOSTS,"
     " 'key': s.SECRET_KEY, 'var': str(s.VAR_DIR)}))"
 )
 SETTING_NAMES = (
-    "DATABASE_URL", "REDIS_URL", "LIBVIRT_URI", "SECRET_KEY", "DEBUG", "ALLOWED_HOSTS",
-    "VMPORTAL_PRODUCTION", "VMPORTAL_VAR_DIR", "DJANGO_ALLOW_ASYNC_UNSAFE",
+    "DATABASE_URL",
+    "REDIS_URL",
+    "LIBVIRT_URI",
+    "SECRET_KEY",
+    "DEBUG",
+    "ALLOWED_HOSTS",
+    "VMPORTAL_PRODUCTION",
+    "VMPORTAL_VAR_DIR",
+    "DJANGO_ALLOW_ASYNC_UNSAFE",
 )
 
 
@@ -27,7 +35,12 @@ def run_python(code: str, var_dir: Path, **env: str) -> subprocess.CompletedProc
     clean = {k: v for k, v in os.environ.items() if k not in SETTING_NAMES}
     clean.update(DJANGO_SETTINGS_MODULE="vmportal.settings", VMPORTAL_VAR_DIR=str(var_dir), **env)
     return subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=clean, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 

@@ -21,14 +21,16 @@ HEARTBEAT_EVERY = 5.0
 class WorkerHeartbeat(bootsteps.StartStopStep):
     """Writes this worker's heartbeat to Redis every few seconds from the worker's timer."""
 
-    requires = {"celery.worker.components:Timer"}
+    requires = ("celery.worker.components:Timer",)
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         self.tref: Any = None
 
     def start(self, worker: Any) -> None:
         self._beat(worker)
-        self.tref = worker.timer.call_repeatedly(HEARTBEAT_EVERY, self._beat, (worker,), priority=10)
+        self.tref = worker.timer.call_repeatedly(
+            HEARTBEAT_EVERY, self._beat, (worker,), priority=10
+        )
 
     def stop(self, worker: Any) -> None:
         if self.tref is not None:

@@ -15,9 +15,7 @@ TTL_SECONDS = 30
 
 def client() -> redis.Redis:
     """A Redis client that fails fast, so a dead Redis never hangs a caller."""
-    return redis.Redis.from_url(
-        settings.REDIS_URL, socket_connect_timeout=1.0, socket_timeout=2.0
-    )
+    return redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=1.0, socket_timeout=2.0)
 
 
 def beat(part: str, ident: str, **info: Any) -> None:

@@ -23,9 +23,9 @@ BOOT_DIR = Path("/var/lib/libvirt/boot/vmportal")
 
 def _publish(src: Path, dest: Path) -> None:
     """Copy src to dest when it differs, atomically, where QEMU may read it."""
-    if dest.exists() and dest.stat().st_size == src.stat().st_size:
-        if dest.read_bytes() == src.read_bytes():
-            return
+    same_size = dest.exists() and dest.stat().st_size == src.stat().st_size
+    if same_size and dest.read_bytes() == src.read_bytes():
+        return
     tmp = dest.with_suffix(dest.suffix + ".tmp")
     shutil.copyfile(src, tmp)
     tmp.chmod(0o644)

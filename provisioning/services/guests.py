@@ -9,7 +9,7 @@ from provisioning.models import Guest, Host
 
 
 def guest_sync_state(*, host: Host, info: DomainInfo) -> bool:
-    """Record libvirt's view of one domain on its Guest row; False when the portal has no such guest."""
+    """Record libvirt's view of one domain on its Guest row; False when the portal has none."""
     updated = (
         Guest.objects.filter(host=host, uuid=info.uuid)
         .exclude(

@@ -37,7 +37,12 @@ def host_domain_type(*, host: Host, kernel: Path, initrd: Path) -> str:
     console = Path(settings.CONSOLE_LOG_DIR) / f"vmportal-kvm-probe-{host.name}.log"
     works = probe.probe_kvm(get_hypervisor(host.uri), str(kernel), str(initrd), str(console))
     detected = "kvm" if works else "qemu"
-    log.info("host %s: KVM %s; guests use domain type %s", host, "works" if works else "does not work", detected)
+    log.info(
+        "host %s: KVM %s; guests use domain type %s",
+        host,
+        "works" if works else "does not work",
+        detected,
+    )
     Host.objects.filter(pk=host.pk).update(detected_domain_type=detected)
     host.detected_domain_type = detected
     return detected

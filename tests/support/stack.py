@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -41,7 +42,9 @@ def wait_until(predicate: Callable[[], T], *, timeout: float, what: str, every: 
             if value:
                 return value
         time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last_error})")
+    raise AssertionError(
+        f"timed out after {timeout} s waiting for {what} (last error: {last_error})"
+    )
 
 
 def test_database_url() -> str:
@@ -67,7 +70,12 @@ class Proc:
         self.log_path = logs / f"{name}.log"
         self._log = self.log_path.open("ab")
         self.popen = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     @property
@@ -81,10 +89,8 @@ class Proc:
         return self.log_path.read_text(errors="replace")
 
     def signal_group(self, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.alive():
@@ -152,8 +158,13 @@ def start_web(env: dict[str, str], *, name: str = "web") -> tuple[Proc, str]:
     return proc, base
 
 
-def start_worker(env: dict[str, str], *, queues: Iterable[str] = ("default", "hv.local"),
-                 name: str = "worker", concurrency: int = 2) -> Proc:
+def start_worker(
+    env: dict[str, str],
+    *,
+    queues: Iterable[str] = ("default", "hv.local"),
+    name: str = "worker",
+    concurrency: int = 2,
+) -> Proc:
     argv = [str(VENV_BIN / "celery"), "-A", "vmportal", "worker", "--loglevel", "INFO"]
     argv += ["--concurrency", str(concurrency), "--queues", ",".join(queues)]
     argv += ["--hostname", f"{name}-{os.getpid()}@%h", "--without-mingle", "--without-gossip"]

@@ -14,7 +14,9 @@ class Command(BaseCommand):
     help = "Create the admin user if no superuser exists; print a generated password once."
 
     def add_arguments(self, parser: Any) -> None:
-        parser.add_argument("--username", default=os.environ.get("DJANGO_SUPERUSER_USERNAME", "admin"))
+        parser.add_argument(
+            "--username", default=os.environ.get("DJANGO_SUPERUSER_USERNAME", "admin")
+        )
 
     def handle(self, *args: Any, username: str, **options: Any) -> None:
         users = get_user_model()
@@ -34,4 +36,6 @@ class Command(BaseCommand):
                 )
             )
         else:
-            self.stdout.write(f"admin: created user '{username}' (password from DJANGO_SUPERUSER_PASSWORD)")
+            self.stdout.write(
+                f"admin: created user '{username}' (password from DJANGO_SUPERUSER_PASSWORD)"
+            )

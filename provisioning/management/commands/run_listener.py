@@ -32,15 +32,7 @@ class Command(BaseCommand):
         hosts = list(Host.objects.filter(enabled=True))
         stop = threading.Event()
         connected: dict[str, bool] = {h.name: False for h in hosts}
-        listeners = []
-        for host in hosts:
-            listeners.append(
-                EventListener(
-                    host.uri,
-                    lambda event, host=host: self._apply(host, event),
-                    on_state=lambda up, host=host: connected.__setitem__(host.name, up),
-                )
-            )
+        listeners = [self._listener(host, connected) for host in hosts]
         for listener in listeners:
             listener.start()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -56,6 +48,15 @@ class Command(BaseCommand):
             stop.wait(HEARTBEAT_EVERY)
         for listener in listeners:
             listener.stop()
+
+    def _listener(self, host: Host, connected: dict[str, bool]) -> EventListener:
+        def on_event(event: LifecycleEvent) -> None:
+            self._apply(host, event)
+
+        def on_state(up: bool) -> None:
+            connected[host.name] = up
+
+        return EventListener(host.uri, on_event, on_state=on_state)
 
     def _apply(self, host: Host, event: LifecycleEvent) -> None:
         close_old_connections()

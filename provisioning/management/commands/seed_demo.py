@@ -13,7 +13,7 @@ from provisioning.services.hosts import host_ensure_local
 
 
 class Command(BaseCommand):
-    help = "Build the tiny real guest and register it as the template 'Tiny Linux (direct kernel boot)'."
+    help = "Build the tiny real guest and register it as the demo template."
 
     def handle(self, *args: Any, **options: Any) -> None:
         host = host_ensure_local()
