@@ -13,6 +13,7 @@ from provisioning.demo import tinyguest
 from provisioning.hypervisor import storage
 from provisioning.hypervisor.connection import get_hypervisor
 from provisioning.models import GuestTemplate, Host, Media, StoragePool
+from provisioning.services.hosts import host_domain_type
 
 DEMO_TEMPLATE_NAME = "Tiny Linux (direct kernel boot)"
 DEMO_MEDIA_NAME = "Tiny Linux kernel + installer initrd"
@@ -44,6 +45,8 @@ def demo_seed(*, host: Host, log: Callable[[str], None] = print) -> GuestTemplat
     _publish(guest.initrd, initrd)
 
     storage.ensure_dir_pool(get_hypervisor(host.uri), DEMO_POOL_NAME, str(DEMO_POOL_PATH))
+    domain_type = host_domain_type(host=host, kernel=kernel, initrd=initrd)
+    log(f"demo: guests on {host} run with domain type '{domain_type}'")
 
     with transaction.atomic():
         pool, _ = StoragePool.objects.update_or_create(
