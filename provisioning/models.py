@@ -477,3 +477,21 @@ class Quota(models.Model):
     def clean(self) -> None:
         if bool(self.user_id) == bool(self.group_id):
             raise ValidationError("A quota belongs to exactly one user or one group.")
+
+
+class RequestEvent(models.Model):
+    """An append-only line in a request's history: one status change and why it happened."""
+
+    request = models.ForeignKey(
+        ProvisioningRequest, on_delete=models.CASCADE, related_name="events"
+    )
+    created = models.DateTimeField(auto_now_add=True)
+    from_status = models.CharField(max_length=12, choices=ProvisioningRequest.Status)
+    to_status = models.CharField(max_length=12, choices=ProvisioningRequest.Status)
+    note = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["created", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.from_status} → {self.to_status}"
