@@ -89,8 +89,16 @@ class JobEventInline(admin.TabularInline):
     can_delete = False
 
 
+class RequestEventInline(admin.TabularInline):
+    model = models.RequestEvent
+    extra = 0
+    readonly_fields = ("created", "from_status", "to_status", "note")
+    can_delete = False
+
+
 @admin.register(models.ProvisioningRequest)
 class ProvisioningRequestAdmin(admin.ModelAdmin):
+    inlines = [RequestEventInline]
     list_display = ("name", "owner", "template", "template_version", "host", "status", "created")
     list_filter = ("status", "host", "template")
     search_fields = ("name", "owner__username", "error")

@@ -296,7 +296,12 @@ class Guest(models.Model):
     class Meta:
         ordering = ["name"]
         constraints = [
-            models.UniqueConstraint(fields=["host", "name"], name="guest_name_unique_per_host"),
+            # libvirt's own rule; a guest that is gone (undefined) frees its name.
+            models.UniqueConstraint(
+                fields=["host", "name"],
+                condition=~Q(state="undefined"),
+                name="guest_name_unique_per_host",
+            ),
             models.CheckConstraint(condition=Q(vcpus__gte=1), name="guest_has_vcpus"),
         ]
         indexes = [models.Index(fields=["owner", "name"])]
@@ -445,7 +450,7 @@ class JobEvent(models.Model):
 
 
 class Quota(models.Model):
-    """Limits on what a user, or each member of a group, may hold at once."""
+    """Limits on what a user, or a group with all its members together, may hold at once."""
 
     user = models.OneToOneField(
         settings.AUTH_USER_MODEL,

@@ -101,11 +101,27 @@ class Stack:
             proc.stop()
 
 
+def point_celery_at(url: str) -> None:
+    """Send this process's tasks to the broker at url (the app caches its connections)."""
+    from vmportal.celery import app
+
+    app.conf.broker_url = url
+    if app._pool is not None:
+        app._pool.force_close_all()
+        app._pool = None
+    app.amqp._producer_pool = None
+
+
 @pytest.fixture
 def stack(transactional_db: None, own_redis: RedisServer, settings) -> Iterator[Stack]:
     """Starts nothing by itself: call .start('web', 'worker', 'beat', 'listener') as needed."""
+    from vmportal.celery import app
+
     settings.REDIS_URL = own_redis.url
     settings.LIBVIRT_URI = "test+unix:///default"
+    previous = app.conf.broker_url
+    point_celery_at(own_redis.url)
     running = Stack(own_redis, settings.LIBVIRT_URI)
     yield running
     running.stop()
+    point_celery_at(previous)

@@ -93,13 +93,16 @@ def test_only_one_active_job_per_guest(host: Host, make_user) -> None:
     Job.objects.create(kind=Job.Kind.RESUME, guest=guest)
 
 
-def test_guest_names_are_unique_per_host(host: Host, make_user) -> None:
+def test_guest_names_are_unique_per_host_among_guests_that_exist(host: Host, make_user) -> None:
     owner = make_user("carol")
-    Guest.objects.create(owner=owner, host=host, name="web")
+    running = Guest.State.RUNNING
+    Guest.objects.create(owner=owner, host=host, name="web", state=running)
     other = Host.objects.create(name="hv2", uri="qemu+ssh://hv2/system")
-    Guest.objects.create(owner=owner, host=other, name="web")
+    Guest.objects.create(owner=owner, host=other, name="web", state=running)
     with pytest.raises(IntegrityError), transaction.atomic():
-        Guest.objects.create(owner=owner, host=host, name="web")
+        Guest.objects.create(owner=owner, host=host, name="web", state=Guest.State.DEFINED)
+    # A deleted (undefined) guest frees its name for a new one.
+    Guest.objects.create(owner=owner, host=host, name="web", state=Guest.State.UNDEFINED)
 
 
 def test_names_that_libvirt_would_refuse_are_invalid(host: Host, make_user) -> None:

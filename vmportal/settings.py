@@ -164,6 +164,11 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULER = "vmportal.beat:HeartbeatScheduler"
 CELERY_TIMEZONE = TIME_ZONE
 CELERY_TASK_DEFAULT_QUEUE = "default"
+CELERY_TASK_ROUTES = {"provisioning.reconcile": {"queue": "default"}}
+RECONCILE_EVERY = env.float("VMPORTAL_RECONCILE_EVERY", default=15.0)
+CELERY_BEAT_SCHEDULE = {
+    "reconcile": {"task": "provisioning.reconcile", "schedule": RECONCILE_EVERY},
+}
 
 if PRODUCTION:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")

@@ -6,6 +6,7 @@ from django.utils import timezone
 
 from provisioning.hypervisor.types import DomainInfo
 from provisioning.models import Guest, Host
+from provisioning.services import transitions
 
 
 def guest_sync_state(*, host: Host, info: DomainInfo) -> bool:
@@ -26,4 +27,9 @@ def guest_sync_state(*, host: Host, info: DomainInfo) -> bool:
             state_changed=timezone.now(),
         )
     )
+    if updated:
+        transitions.publish(
+            f"vmportal:guest:{info.uuid}",
+            {"guest": info.uuid, "state": info.state.value, "reason": info.reason},
+        )
     return bool(updated) or Guest.objects.filter(host=host, uuid=info.uuid).exists()

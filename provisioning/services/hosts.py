@@ -7,6 +7,7 @@ from pathlib import Path
 
 from django.conf import settings
 
+from provisioning.demo import tinyguest
 from provisioning.hypervisor import probe
 from provisioning.hypervisor.connection import get_hypervisor
 from provisioning.models import Host
@@ -25,7 +26,7 @@ def host_ensure_local() -> Host:
     return host
 
 
-def host_domain_type(*, host: Host, kernel: Path, initrd: Path) -> str:
+def host_domain_type(*, host: Host) -> str:
     """kvm or qemu for this host: forced by setting or admin, else probed once and remembered."""
     forced = settings.VMPORTAL_DOMAIN_TYPE
     if forced in ("kvm", "qemu"):
@@ -34,15 +35,19 @@ def host_domain_type(*, host: Host, kernel: Path, initrd: Path) -> str:
         return host.domain_type
     if host.detected_domain_type:
         return host.detected_domain_type
-    console = Path(settings.CONSOLE_LOG_DIR) / f"vmportal-kvm-probe-{host.name}.log"
-    works = probe.probe_kvm(get_hypervisor(host.uri), str(kernel), str(initrd), str(console))
+    hv = get_hypervisor(host.uri)
+    guest = tinyguest.cached(settings.DEMO_DIR)
+    if "kvm" not in hv.capabilities_domain_types():
+        works = False
+    elif guest is None:
+        # Without a kernel to boot, trust the capabilities (and do not remember the guess).
+        log.warning("host %s: no probe kernel built yet; assuming KVM works", host)
+        return "kvm"
+    else:
+        console = Path(settings.CONSOLE_LOG_DIR) / f"vmportal-kvm-probe-{host.name}.log"
+        works = probe.probe_kvm(hv, guest.kernel, guest.initrd, console)
     detected = "kvm" if works else "qemu"
-    log.info(
-        "host %s: KVM %s; guests use domain type %s",
-        host,
-        "works" if works else "does not work",
-        detected,
-    )
+    log.info("host %s: KVM %s; guests use type %s", host, "works" if works else "fails", detected)
     Host.objects.filter(pk=host.pk).update(detected_domain_type=detected)
     host.detected_domain_type = detected
     return detected

@@ -1,4 +1,4 @@
-"""Runs the libvirt event listener for every enabled host, keeping guest rows fresh."""
+"""Runs the libvirt event listener for every enabled host, keeping the portal true to libvirt."""
 
 from __future__ import annotations
 
@@ -11,17 +11,15 @@ from typing import Any
 from django.core.management.base import BaseCommand
 from django.db import close_old_connections
 
-from provisioning.hypervisor import operations
-from provisioning.hypervisor.connection import get_hypervisor
 from provisioning.hypervisor.errors import HypervisorError
 from provisioning.hypervisor.events import EventListener, LifecycleEvent
 from provisioning.models import Host
-from provisioning.services.guests import guest_sync_state
+from provisioning.services import consoles, events
 from provisioning.services.hosts import host_ensure_local
 from vmportal import heartbeat
 
 log = logging.getLogger("vmportal.listener")
-HEARTBEAT_EVERY = 5.0
+HEARTBEAT_EVERY = 2.0
 
 
 class Command(BaseCommand):
@@ -37,32 +35,48 @@ class Command(BaseCommand):
             listener.start()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
+        tailer = consoles.ConsoleTailer(hosts)
         me = socket.gethostname()
         log.info("listening to %s", ", ".join(f"{h.name} ({h.uri})" for h in hosts))
+        beat_due = 0.0
         while not stop.is_set():
-            for host in hosts:
-                try:
-                    heartbeat.beat("listener", f"{host.name}@{me}", connected=connected[host.name])
-                except Exception as exc:  # noqa: BLE001 - keep listening while Redis is away
-                    log.warning("listener heartbeat failed: %s", exc)
-            stop.wait(HEARTBEAT_EVERY)
+            close_old_connections()
+            try:
+                tailer.poll()
+            except Exception:
+                log.exception("console tailing failed")
+            beat_due -= consoles.POLL_EVERY
+            if beat_due <= 0:
+                beat_due = HEARTBEAT_EVERY
+                for host in hosts:
+                    try:
+                        heartbeat.beat(
+                            "listener", f"{host.name}@{me}", connected=connected[host.name]
+                        )
+                    except Exception as exc:  # noqa: BLE001 - keep listening while Redis is away
+                        log.warning("listener heartbeat failed: %s", exc)
+            stop.wait(consoles.POLL_EVERY)
         for listener in listeners:
             listener.stop()
 
     def _listener(self, host: Host, connected: dict[str, bool]) -> EventListener:
         def on_event(event: LifecycleEvent) -> None:
-            self._apply(host, event)
+            close_old_connections()
+            try:
+                events.domain_changed(host=host, uuid=event.uuid)
+            except HypervisorError as exc:
+                log.warning("%s: cannot apply %s of %s: %s", host, event.event, event.uuid, exc)
 
         def on_state(up: bool) -> None:
+            was = connected[host.name]
             connected[host.name] = up
+            if up and not was:
+                # Events may have been missed while away: look at everything once.
+                from provisioning import tasks
+
+                try:
+                    tasks.reconcile_host.apply_async((host.pk,), queue=host.queue, expires=60)
+                except Exception as exc:  # noqa: BLE001 - reconcile runs on its schedule too
+                    log.warning("could not queue a reconcile of %s: %s", host, exc)
 
         return EventListener(host.uri, on_event, on_state=on_state)
-
-    def _apply(self, host: Host, event: LifecycleEvent) -> None:
-        close_old_connections()
-        try:
-            info = operations.get_info(get_hypervisor(host.uri, readonly=True), event.uuid)
-        except HypervisorError as exc:
-            log.warning("%s: cannot read %s after %s: %s", host, event.uuid, event.event, exc)
-            return
-        guest_sync_state(host=host, info=info)

@@ -1,0 +1,224 @@
+"""Lifecycle actions on existing guests, each run as a job on the guest's host queue."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.utils import timezone
+
+from provisioning.hypervisor import operations, storage
+from provisioning.hypervisor.connection import Hypervisor, get_hypervisor
+from provisioning.hypervisor.errors import HypervisorError, NotFound, WrongState
+from provisioning.hypervisor.types import DomainInfo
+from provisioning.models import Guest, Job
+from provisioning.services import transitions
+from provisioning.services.guests import guest_sync_state
+
+log = logging.getLogger(__name__)
+K = Job.Kind
+S = Guest.State
+
+# Which actions each state allows: the pages offer exactly these.
+ALLOWED: dict[str, frozenset[str]] = {
+    S.DEFINED: frozenset({K.START, K.AUTOSTART_ON, K.AUTOSTART_OFF, K.DELETE}),
+    S.RUNNING: frozenset(
+        {K.SHUTDOWN, K.FORCE_OFF, K.REBOOT, K.SUSPEND, K.SAVE, K.MANAGED_SAVE}
+        | {K.AUTOSTART_ON, K.AUTOSTART_OFF, K.DELETE}
+    ),
+    S.PAUSED: frozenset(
+        {K.RESUME, K.FORCE_OFF, K.SAVE, K.MANAGED_SAVE, K.AUTOSTART_ON, K.AUTOSTART_OFF, K.DELETE}
+    ),
+    S.SAVED: frozenset({K.RESTORE, K.AUTOSTART_ON, K.AUTOSTART_OFF, K.DELETE}),
+    S.UNDEFINED: frozenset(),
+}
+SHUTDOWN_TIMEOUT = timedelta(seconds=120)
+
+
+class ActionRefused(ValueError):
+    """The action does not fit the guest's state."""
+
+
+def allowed_actions(guest: Guest) -> list[str]:
+    """The actions the guest's current state allows, in a stable order."""
+    allowed = ALLOWED.get(guest.state, frozenset())
+    if not guest.persistent:
+        allowed = allowed - {K.AUTOSTART_ON, K.AUTOSTART_OFF, K.MANAGED_SAVE}
+    allowed = allowed - {K.AUTOSTART_ON} if guest.autostart else allowed - {K.AUTOSTART_OFF}
+    return [k.value for k in K if k in allowed]
+
+
+def guest_action(*, guest: Guest, kind: str, by: AbstractBaseUser | None, **options: Any) -> Job:
+    """Open a job for the action (GuestBusy if another runs) and queue it after commit."""
+    from provisioning import tasks
+
+    if kind not in allowed_actions(guest):
+        raise ActionRefused(
+            f"{Job.Kind(kind).label} is not possible while {guest.name} is "
+            f"{guest.get_state_display().lower()}"
+        )
+    with transaction.atomic():
+        job = transitions.job_open(kind=Job.Kind(kind), guest=guest, created_by=by, data=options)
+        transitions.job_log(job.pk, f"{job.get_kind_display()} requested")
+        queue = guest.host.queue
+        transaction.on_commit(lambda: tasks.run_job.apply_async((job.pk,), queue=queue))
+    return job
+
+
+def save_path(guest: Guest) -> str:
+    """Where a guest's memory is saved to (a portal-chosen file, never a user's)."""
+    return str(settings.SAVE_DIR / f"{guest.uuid}.save")
+
+
+def _save(hv: Hypervisor, guest: Guest) -> DomainInfo:
+    settings.SAVE_DIR.mkdir(parents=True, exist_ok=True)
+    return operations.save(hv, str(guest.uuid), save_path(guest))
+
+
+def _restore(hv: Hypervisor, guest: Guest) -> DomainInfo:
+    if operations.has_managed_save(hv, str(guest.uuid)):
+        return operations.start(hv, str(guest.uuid))
+    info = operations.restore(hv, save_path(guest))
+    with contextlib.suppress(FileNotFoundError):
+        settings.SAVE_DIR.joinpath(f"{guest.uuid}.save").unlink()
+    return info
+
+
+def _delete(hv: Hypervisor, guest: Guest, keep_disk: bool = False) -> DomainInfo:
+    uuid = str(guest.uuid)
+    volumes = []
+    try:
+        from provisioning.hypervisor.domxml import parse_untrusted
+
+        root = parse_untrusted(operations.get_xml(hv, uuid, inactive=True))
+        volumes = [
+            (s.get("pool"), s.get("volume"))
+            for s in root.iterfind("devices/disk[@device='disk']/source")
+            if s.get("pool") and s.get("volume")
+        ]
+    except NotFound:
+        pass
+    operations.destroy(hv, uuid)
+    operations.undefine(hv, uuid)
+    if not keep_disk:
+        for pool, volume in volumes:
+            storage.delete_volume(hv, str(pool), str(volume))
+    return DomainInfo.undefined(uuid)
+
+
+ACTIONS: dict[str, Callable[..., DomainInfo]] = {
+    K.START: lambda hv, g, **o: operations.start(hv, str(g.uuid), paused=o.get("paused", False)),
+    K.SHUTDOWN: lambda hv, g, **o: operations.shutdown(hv, str(g.uuid)),
+    K.FORCE_OFF: lambda hv, g, **o: operations.destroy(hv, str(g.uuid)),
+    K.REBOOT: lambda hv, g, **o: operations.reboot(hv, str(g.uuid)),
+    K.SUSPEND: lambda hv, g, **o: operations.suspend(hv, str(g.uuid)),
+    K.RESUME: lambda hv, g, **o: operations.resume(hv, str(g.uuid)),
+    K.SAVE: lambda hv, g, **o: _save(hv, g),
+    K.RESTORE: lambda hv, g, **o: _restore(hv, g),
+    K.MANAGED_SAVE: lambda hv, g, **o: operations.managed_save(hv, str(g.uuid)),
+    K.AUTOSTART_ON: lambda hv, g, **o: operations.set_autostart(hv, str(g.uuid), True),
+    K.AUTOSTART_OFF: lambda hv, g, **o: operations.set_autostart(hv, str(g.uuid), False),
+    K.DELETE: lambda hv, g, **o: _delete(hv, g, keep_disk=o.get("keep_disk", False)),
+}
+
+
+def run_job(job_id: int) -> None:
+    """Run one queued lifecycle job: claim it, call libvirt, record the guest's new state."""
+    try:
+        job = transitions.job_move(job_id, expected=Job.Status.QUEUED, to=Job.Status.RUNNING)
+    except transitions.StaleState:
+        return  # another worker has it, or it was cancelled
+    if job.guest_id is None:
+        transitions.job_move(
+            job_id, expected=Job.Status.RUNNING, to=Job.Status.FAILED, error="no guest"
+        )
+        return
+    guest = Guest.objects.select_related("host").get(pk=job.guest_id)
+    hv = get_hypervisor(guest.host.uri)
+    try:
+        info = ACTIONS[job.kind](hv, guest, **job.data)
+    except (WrongState, NotFound) as exc:
+        # The guest is not where the portal thought: record the truth and say so.
+        guest_sync_state(host=guest.host, info=operations.get_info(hv, str(guest.uuid)))
+        transitions.job_move(
+            job_id, expected=Job.Status.RUNNING, to=Job.Status.FAILED, error=str(exc)
+        )
+        return
+    except HypervisorError as exc:
+        transitions.job_move(
+            job_id, expected=Job.Status.RUNNING, to=Job.Status.FAILED, error=str(exc)
+        )
+        raise
+    guest_sync_state(host=guest.host, info=info)
+    if job.kind == K.SHUTDOWN and info.active:
+        # The guest powers off in its own time; the listener (or reconcile) ends the job.
+        deadline = timezone.now() + timedelta(
+            seconds=job.data.get("timeout", SHUTDOWN_TIMEOUT.seconds)
+        )
+        Job.objects.filter(pk=job_id).update(deadline=deadline)
+        transitions.job_log(job_id, "Asked the guest to shut down", progress=50)
+        return
+    transitions.job_move(job_id, expected=Job.Status.RUNNING, to=Job.Status.SUCCEEDED)
+
+
+def job_domain_stopped(guest: Guest, info: DomainInfo) -> None:
+    """A guest stopped: a shutdown job waiting for it is done."""
+    if info.active:
+        return
+    for job in Job.objects.filter(guest=guest, kind=K.SHUTDOWN, status=Job.Status.RUNNING):
+        with contextlib.suppress(transitions.StaleState):
+            transitions.job_move(job.pk, expected=Job.Status.RUNNING, to=Job.Status.SUCCEEDED)
+
+
+def reconcile_jobs(
+    hv: Hypervisor, guests: dict[str, Guest], domains: dict[str, DomainInfo], *, stale_after: float
+) -> None:
+    """Finish shutdown jobs whose guest stopped, force or fail those past their deadline; fail
+    jobs whose worker died mid-run and queue again those whose message was lost."""
+    from provisioning import tasks
+
+    now = timezone.now()
+    lost = now - timedelta(seconds=settings.TASK_HARD_TIME_LIMIT + 30)
+    for job in Job.objects.filter(
+        status=Job.Status.RUNNING, started__lt=lost, guest__uuid__in=list(guests)
+    ).exclude(kind__in=(K.SHUTDOWN, K.PROVISION, K.REPROVISION, K.MIGRATE)):
+        transitions.job_move(
+            job.pk, expected=Job.Status.RUNNING, to=Job.Status.FAILED, error="the worker was lost"
+        )
+    for job in (
+        Job.objects.filter(
+            status=Job.Status.QUEUED,
+            created__lt=now - timedelta(seconds=stale_after),
+            guest__uuid__in=list(guests),
+        )
+        .exclude(kind=K.PROVISION)
+        .select_related("guest__host")
+    ):
+        assert job.guest is not None
+        tasks.run_job.apply_async((job.pk,), queue=job.guest.host.queue)
+    for job in Job.objects.filter(
+        kind=K.SHUTDOWN, status=Job.Status.RUNNING, guest__uuid__in=list(guests)
+    ).select_related("guest"):
+        assert job.guest is not None
+        info = domains.get(str(job.guest.uuid), DomainInfo.undefined(str(job.guest.uuid)))
+        if not info.active:
+            job_domain_stopped(job.guest, info)
+        elif job.deadline and job.deadline < now:
+            if job.data.get("force"):
+                info = operations.destroy(hv, str(job.guest.uuid))
+                guest_sync_state(host=job.guest.host, info=info)
+                transitions.job_log(job.pk, "Graceful shutdown timed out; forced off")
+                transitions.job_move(job.pk, expected=Job.Status.RUNNING, to=Job.Status.SUCCEEDED)
+            else:
+                transitions.job_move(
+                    job.pk,
+                    expected=Job.Status.RUNNING,
+                    to=Job.Status.FAILED,
+                    error="the guest did not shut down before the deadline",
+                )

@@ -1,0 +1,64 @@
+"""What a libvirt lifecycle event (or a reconcile pass) changes in the portal."""
+
+from __future__ import annotations
+
+import logging
+
+from provisioning.hypervisor import operations
+from provisioning.hypervisor.connection import get_hypervisor
+from provisioning.hypervisor.types import DomainInfo
+from provisioning.models import Guest, Host, ProvisioningRequest
+from provisioning.services import actions, provision
+from provisioning.services.guests import guest_sync_state
+
+log = logging.getLogger(__name__)
+STALE_STEP_SECONDS = 60.0
+
+
+def domain_changed(*, host: Host, uuid: str, info: DomainInfo | None = None) -> None:
+    """Apply libvirt's view of one domain: the guest row, a waiting install, a shutdown job."""
+    if info is None:
+        info = operations.get_info(get_hypervisor(host.uri), uuid)
+    guest = Guest.objects.filter(host=host, uuid=uuid).first()
+    if guest is None:
+        return
+    waiting = ProvisioningRequest.objects.filter(
+        guest=guest, status=ProvisioningRequest.Status.WAITING
+    ).first()
+    if waiting is not None:
+        # The installer's run is not the guest's state yet; the request decides what it means.
+        if not info.active:
+            provision.request_domain_stopped(waiting.pk)
+        return
+    in_flight = ProvisioningRequest.objects.filter(
+        guest=guest, status__in=provision._ACTIVE_STATUSES
+    )
+    if in_flight.exists():
+        return  # the provisioning steps record the state themselves when they finish
+    guest_sync_state(host=host, info=info)
+    if not info.active:
+        actions.job_domain_stopped(guest, info)
+
+
+def reconcile_host(host: Host) -> dict[str, int]:
+    """One pass over a host: every domain in one call, then rows, requests and jobs made true."""
+    hv = get_hypervisor(host.uri)
+    domains = {d.uuid: d for d in operations.list_domains(hv)}
+    guests = {str(g.uuid): g for g in Guest.objects.filter(host=host)}
+    busy = set(
+        ProvisioningRequest.objects.filter(
+            host=host, status__in=provision._ACTIVE_STATUSES
+        ).values_list("guest__uuid", flat=True)
+    )
+    synced = 0
+    for uuid, guest in guests.items():
+        if guest.uuid in busy:
+            continue
+        info = domains.get(uuid, DomainInfo.undefined(uuid))
+        if guest.state == Guest.State.UNDEFINED and not info.exists:
+            continue
+        if guest_sync_state(host=host, info=info):
+            synced += 1
+    provision.reconcile_requests(host, domains, stale_after=STALE_STEP_SECONDS)
+    actions.reconcile_jobs(hv, guests, domains, stale_after=STALE_STEP_SECONDS)
+    return {"domains": len(domains), "guests": len(guests), "synced": synced}

@@ -1,0 +1,539 @@
+"""Provisioning: from a user's request to a running guest, one idempotent step at a time.
+
+Every step first reads what libvirt really has (the guest's UUID is fixed when the request is
+made), does only what is missing, then moves the request on with a compare-and-swap. Running a
+step twice, or two workers running it at once, is harmless: libvirt refuses a second domain with
+the same UUID or name, and only one move wins. Waiting for the installer holds no worker slot:
+the event listener (or the periodic reconcile) calls `request_domain_stopped`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.contrib.auth.models import User
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from provisioning import faults
+from provisioning.hypervisor import domxml, operations, storage
+from provisioning.hypervisor.connection import Hypervisor, get_hypervisor
+from provisioning.hypervisor.errors import (
+    AlreadyExists,
+    HypervisorError,
+    InvalidConfig,
+    NotFound,
+    Unsupported,
+)
+from provisioning.hypervisor.types import DomainInfo, GuestState
+from provisioning.models import (
+    NAME_VALIDATOR,
+    Guest,
+    GuestTemplate,
+    Host,
+    Job,
+    ProvisioningRequest,
+    StoragePool,
+)
+from provisioning.services import quotas, transitions
+from provisioning.services.consoles import console_log_path
+from provisioning.services.guests import guest_sync_state
+from provisioning.services.hosts import host_domain_type, host_ensure_local
+
+log = logging.getLogger(__name__)
+Status = ProvisioningRequest.Status
+MiB = 1024 * 1024
+
+# Progress of the provisioning job at each status.
+PROGRESS = {
+    Status.PENDING: 0,
+    Status.ADMITTED: 10,
+    Status.PREPARING: 20,
+    Status.INSTALLING: 35,
+    Status.WAITING: 50,
+    Status.DEFINING: 85,
+    Status.STARTING: 95,
+    Status.RUNNING: 100,
+}
+
+
+class SubmitError(ValueError):
+    """A request that cannot be made, with a message per form field."""
+
+    def __init__(self, errors: dict[str, str]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{k}: {v}" for k, v in errors.items()))
+
+
+class StepFailed(Exception):
+    """A step met a permanent failure; the request fails with this message."""
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """What the user picked within the template's ranges (None: the template's default)."""
+
+    name: str
+    vcpus: int | None = None
+    memory_mib: int | None = None
+    disk_mib: int | None = None
+    start_paused: bool | None = None
+    autostart: bool | None = None
+    autodestroy: bool | None = None
+
+
+# --- submitting ---------------------------------------------------------------------------
+
+
+def _check_overrides(template: GuestTemplate, o: Overrides) -> dict[str, Any]:
+    errors: dict[str, str] = {}
+    values: dict[str, Any] = {}
+    try:
+        NAME_VALIDATOR(o.name)
+    except Exception:  # noqa: BLE001 - the validator's message is for forms; say it plainly
+        errors["name"] = "Use 1-63 letters, digits, dots, dashes or underscores."
+    for field, unit in (("vcpus", ""), ("memory_mib", " MiB"), ("disk_mib", " MiB")):
+        picked = getattr(o, field)
+        low, default, high = (getattr(template, f"{field}_{k}") for k in ("min", "default", "max"))
+        value = default if picked is None else picked
+        if not low <= value <= high:
+            errors[field] = f"Pick between {low}{unit} and {high}{unit}."
+        values[field] = value
+    transient = template.lifecycle == GuestTemplate.Lifecycle.TRANSIENT
+    for option in ("start_paused", "autostart", "autodestroy"):
+        picked = getattr(o, option)
+        values[option] = getattr(template, option) if picked is None else bool(picked)
+    if values["autostart"] and transient:
+        errors["autostart"] = "Transient guests cannot autostart."
+    if values["autodestroy"] and not transient:
+        errors["autodestroy"] = "Only transient guests can be autodestroyed."
+    if errors:
+        raise SubmitError(errors)
+    return values
+
+
+def request_place(*, template: GuestTemplate) -> Host:
+    """The host a new guest goes to: the template's pinned host, else the local one."""
+    if template.host is not None:
+        if not template.host.enabled:
+            raise SubmitError({"template": f"Its host {template.host} is disabled."})
+        return template.host
+    return host_ensure_local()
+
+
+def request_submit(
+    *, owner: User, template: GuestTemplate, overrides: Overrides
+) -> ProvisioningRequest:
+    """Record a request (with its guest row and job) and queue its first step after commit."""
+    if not template.enabled:
+        raise SubmitError({"template": "This template is not offered any more."})
+    values = _check_overrides(template, overrides)
+    host = request_place(template=template)
+    if (
+        Guest.objects.filter(host=host, name=overrides.name)
+        .exclude(state=Guest.State.UNDEFINED)
+        .exists()
+        or ProvisioningRequest.objects.filter(
+            host=host, name=overrides.name, status__in=_ACTIVE_STATUSES
+        ).exists()
+    ):
+        raise SubmitError({"name": f"A guest named {overrides.name} exists already."})
+    try:
+        with transaction.atomic():
+            guest = Guest.objects.create(
+                owner=owner,
+                host=host,
+                template=template,
+                template_version=template.version,
+                name=overrides.name,
+                mac=domxml.random_mac(),
+                vcpus=values["vcpus"],
+                memory_mib=values["memory_mib"],
+                disk_mib=values["disk_mib"],
+            )
+            request = ProvisioningRequest.objects.create(
+                owner=owner,
+                template=template,
+                template_version=template.version,
+                host=host,
+                guest=guest,
+                name=overrides.name,
+                **values,
+            )
+            job = transitions.job_open(
+                kind=Job.Kind.PROVISION, guest=guest, request=request, created_by=owner
+            )
+            transitions.job_log(job.pk, f"Requested {template} on {host}", progress=0)
+            transaction.on_commit(lambda: enqueue_advance(request))
+    except IntegrityError as exc:
+        raise SubmitError({"name": f"A guest named {overrides.name} exists already."}) from exc
+    return request
+
+
+_ACTIVE_STATUSES = [s for s in Status if s not in transitions.REQUEST_FINAL]
+
+
+def enqueue_advance(request: ProvisioningRequest, *, countdown: float | None = None) -> None:
+    """Queue the request's next step on its host's queue."""
+    from provisioning import tasks
+
+    assert request.host is not None
+    options: dict[str, Any] = {"queue": request.host.queue}
+    if countdown is not None:
+        options["countdown"] = countdown
+    tasks.advance_request.apply_async((request.pk,), **options)
+
+
+# --- the steps --------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What a request needs from libvirt: the XML of both phases, and its disk."""
+
+    request: ProvisioningRequest
+    guest: Guest
+    host: Host
+    template: GuestTemplate
+    pool: StoragePool
+    volume: str
+
+    @property
+    def hv(self) -> Hypervisor:
+        return get_hypervisor(self.host.uri)
+
+    @property
+    def uuid(self) -> str:
+        return str(self.guest.uuid)
+
+    @property
+    def installs(self) -> bool:
+        t = self.template
+        return (
+            t.lifecycle == GuestTemplate.Lifecycle.INSTALL
+            and t.method != GuestTemplate.Method.IMPORT
+        )
+
+    @property
+    def transient(self) -> bool:
+        return self.template.lifecycle == GuestTemplate.Lifecycle.TRANSIENT
+
+    def spec(self) -> domxml.GuestSpec:
+        t, g = self.template, self.guest
+        media = domxml.BootMedia()
+        if t.media is not None and t.method == GuestTemplate.Method.KERNEL:
+            media = domxml.BootMedia(
+                kernel=t.media.kernel_path, initrd=t.media.initrd_path, cmdline=t.kernel_cmdline
+            )
+        elif t.media is not None and t.method == GuestTemplate.Method.CDROM:
+            iso: domxml.VolumeRef | str = (
+                domxml.VolumeRef(t.media.pool.name, t.media.volume)
+                if t.media.pool is not None
+                else t.media.path
+            )
+            media = domxml.BootMedia(iso=iso)
+        nics: tuple[domxml.NicSpec, ...] = ()
+        if t.network is not None:
+            kind = {"network": "network", "bridge": "bridge"}[t.network.kind]
+            nics = (domxml.NicSpec(mac=g.mac, **{kind: t.network.source}),)
+        return domxml.GuestSpec(
+            name=g.name,
+            uuid=self.uuid,
+            memory_mib=g.memory_mib,
+            vcpus=g.vcpus,
+            method=t.method,  # type: ignore[arg-type]
+            domain_type=host_domain_type(host=self.host),
+            disks=(domxml.DiskSpec(domxml.VolumeRef(self.pool.name, self.volume)),),
+            nics=nics,
+            media=media,
+            final_boot=t.final_boot,  # type: ignore[arg-type]
+            bootloader=t.bootloader_path or None,
+            serial_log=str(console_log_path(g.uuid)),
+            metadata={
+                "request": str(self.request.pk),
+                "guest": str(g.pk),
+                "template": str(t.pk),
+                "template_version": str(self.request.template_version),
+            },
+        )
+
+
+def _plan(request: ProvisioningRequest) -> Plan:
+    guest = request.guest
+    host = request.host
+    if guest is None or host is None:
+        raise StepFailed("the request has no guest or host")
+    template = request.template
+    pool = template.pool or host.pools.filter(for_guest_disks=True).first()
+    if pool is None or pool.host_id != host.pk:
+        raise StepFailed(f"no storage pool for guest disks is registered on {host}")
+    return Plan(request, guest, host, template, pool, f"{guest.name}-{guest.uuid.hex[:8]}.qcow2")
+
+
+def _load(request_id: int) -> ProvisioningRequest:
+    return ProvisioningRequest.objects.select_related(
+        "guest", "host", "template__media__pool", "template__network", "template__pool", "owner"
+    ).get(pk=request_id)
+
+
+def _move(plan: Plan, expected: Status, to: Status, note: str = "", **fields: Any) -> None:
+    transitions.request_move(plan.request.pk, expected=expected, to=to, note=note, **fields)
+    plan.request.status = to
+    job = _job(plan.request)
+    if job is not None:
+        transitions.job_log(job.pk, note or f"{Status(to).label}", progress=PROGRESS.get(to))
+
+
+def _job(request: ProvisioningRequest) -> Job | None:
+    return Job.objects.filter(request=request, kind=Job.Kind.PROVISION).order_by("-created").first()
+
+
+def _admit(plan: Plan) -> None:
+    with transaction.atomic():
+        quotas.quota_lock(plan.request.owner)
+        problem = quotas.quota_problem(plan.request)
+        if problem:
+            raise StepFailed(problem)
+        _move(plan, Status.PENDING, Status.ADMITTED, "Admitted within quota")
+
+
+def _prepare(plan: Plan) -> None:
+    size = plan.guest.disk_mib * MiB
+    if plan.template.method == GuestTemplate.Method.IMPORT:
+        try:
+            storage.clone_volume(plan.hv, plan.pool.name, plan.template.base_volume, plan.volume)
+        except AlreadyExists:
+            pass
+        except NotFound as exc:
+            raise StepFailed(f"base volume {plan.template.base_volume} is missing: {exc}") from exc
+    else:
+        try:
+            storage.create_volume(plan.hv, plan.pool.name, plan.volume, size, "qcow2")
+        except AlreadyExists:
+            pass  # made by an earlier run of this step
+        except NotFound as exc:
+            raise StepFailed(f"storage pool {plan.pool.name} is missing on {plan.host}") from exc
+    faults.checkpoint("preparing:done")
+    nxt = Status.INSTALLING if plan.installs else Status.DEFINING
+    _move(plan, Status.PREPARING, nxt, f"Disk {plan.volume} ready ({plan.guest.disk_mib} MiB)")
+
+
+def _install(plan: Plan) -> None:
+    spec = plan.spec()
+    info = operations.get_info(plan.hv, plan.uuid)
+    if not info.exists:
+        install_xml = domxml.install_xml(spec)
+        try:
+            try:
+                # Paused until the final config is in place, so nothing runs half-registered.
+                operations.create_transient(plan.hv, install_xml, paused=True)
+                paused = True
+            except Unsupported:
+                operations.create_transient(plan.hv, install_xml)
+                paused = False
+        except AlreadyExists:
+            info = operations.get_info(plan.hv, plan.uuid)
+            if not info.exists:
+                raise StepFailed(f"a different guest named {plan.guest.name} exists") from None
+        else:
+            faults.checkpoint("installing:created")
+            # virt-install's way: the persistent final config exists from the first second, so a
+            # crash from here on leaves a guest that only needs starting, never an orphan.
+            operations.define(plan.hv, domxml.final_xml(spec))
+            if paused:
+                operations.resume(plan.hv, plan.uuid)
+    else:
+        operations.define(plan.hv, domxml.final_xml(spec))
+    faults.checkpoint("installing:defined")
+    deadline = timezone.now() + timedelta(minutes=plan.template.install_timeout_minutes)
+    _move(plan, Status.INSTALLING, Status.WAITING, "Installer running", deadline=deadline)
+    # The installer may have finished before we started listening.
+    info = operations.get_info(plan.hv, plan.uuid)
+    if not info.active:
+        request_domain_stopped(plan.request.pk)
+
+
+def _define(plan: Plan) -> None:
+    if not plan.transient:
+        operations.define(plan.hv, domxml.final_xml(plan.spec()))
+    faults.checkpoint("defining:done")
+    _move(plan, Status.DEFINING, Status.STARTING, "Final configuration defined")
+
+
+def _start(plan: Plan) -> None:
+    r = plan.request
+    info = operations.get_info(plan.hv, plan.uuid)
+    if plan.transient and not info.exists:
+        xml = domxml.final_xml(plan.spec())
+        info = operations.create_transient(
+            plan.hv, xml, paused=r.start_paused, autodestroy=r.autodestroy
+        )
+    elif not info.active:
+        info = operations.start(plan.hv, plan.uuid, paused=r.start_paused)
+    if r.autostart and not plan.transient and not info.autostart:
+        info = operations.set_autostart(plan.hv, plan.uuid, True)
+    faults.checkpoint("starting:done")
+    guest_sync_state(host=plan.host, info=info)
+    _move(plan, Status.STARTING, Status.RUNNING, f"Guest {info.state.value}")
+    job = _job(r)
+    if job is not None:
+        transitions.job_move(job.pk, expected=Job.Status.RUNNING, to=Job.Status.SUCCEEDED)
+
+
+def _noop(status: Status, to: Status) -> Callable[[Plan], None]:
+    def step(plan: Plan) -> None:
+        _move(plan, status, to)
+
+    return step
+
+
+STEPS: dict[str, Callable[[Plan], None]] = {
+    Status.PENDING: _admit,
+    Status.ADMITTED: _noop(Status.ADMITTED, Status.PREPARING),
+    Status.PREPARING: _prepare,
+    Status.INSTALLING: _install,
+    Status.DEFINING: _define,
+    Status.STARTING: _start,
+}
+
+
+def advance(request_id: int) -> None:
+    """Run the request's steps until it waits for the installer or is final."""
+    request = _load(request_id)
+    job = _job(request)
+    if job is not None and job.status == Job.Status.QUEUED:
+        with contextlib.suppress(transitions.StaleState):
+            transitions.job_move(job.pk, expected=Job.Status.QUEUED, to=Job.Status.RUNNING)
+    while True:
+        step = STEPS.get(request.status)
+        if step is None:
+            return  # waiting (the listener moves it on) or final
+        faults.checkpoint(f"{request.status}:begin")
+        try:
+            plan = _plan(request)
+            step(plan)
+        except transitions.StaleState as exc:
+            # Someone else moved it: another worker ran this step, or the user cancelled.
+            log.info("request #%s moved on elsewhere: %s", request_id, exc)
+            if exc.actual in (Status.CANCELLED, Status.FAILED):
+                cleanup(request_id)
+                return
+        except (StepFailed, InvalidConfig, domxml.SpecError) as exc:
+            fail(request_id, str(exc))
+            return
+        request = _load(request_id)
+
+
+def request_domain_stopped(request_id: int) -> None:
+    """The installer's domain stopped: a guest-initiated shutdown moves on, anything else fails."""
+    request = _load(request_id)
+    if request.status != Status.WAITING or request.guest is None or request.host is None:
+        return
+    info = operations.get_info(get_hypervisor(request.host.uri), str(request.guest.uuid))
+    if info.active:
+        return  # a reboot inside the installer, or a stale event
+    if info.state in (GuestState.DEFINED,) and info.reason == "shutdown":
+        try:
+            transitions.request_move(
+                request_id,
+                expected=Status.WAITING,
+                to=Status.DEFINING,
+                note="Installer finished and powered off",
+            )
+        except transitions.StaleState:
+            return
+        job = _job(request)
+        if job is not None:
+            transitions.job_log(job.pk, "Installer finished", progress=PROGRESS[Status.DEFINING])
+        enqueue_advance(request)
+        return
+    what = info.reason if info.exists else "vanished"
+    fail(request_id, f"the installer stopped without finishing ({what})")
+
+
+def fail(request_id: int, error: str) -> None:
+    """Fail the request (from any non-final status) and remove what it made."""
+    with contextlib.suppress(transitions.StaleState):
+        transitions.request_move(
+            request_id, expected=_ACTIVE_STATUSES, to=Status.FAILED, note=error, error=error
+        )
+    cleanup(request_id)
+
+
+def cancel(request_id: int) -> ProvisioningRequest:
+    """Cancel a request in any non-final status; cleanup is queued on its host."""
+    from provisioning import tasks
+
+    with transaction.atomic():
+        request = transitions.request_move(
+            request_id, expected=_ACTIVE_STATUSES, to=Status.CANCELLED, note="Cancelled by user"
+        )
+        host = request.host
+        assert host is not None
+        transaction.on_commit(
+            lambda: tasks.cleanup_request.apply_async((request_id,), queue=host.queue)
+        )
+    return request
+
+
+def cleanup(request_id: int) -> None:
+    """Remove the domain and disk of a failed or cancelled request, and close its job."""
+    request = _load(request_id)
+    if request.status not in (Status.FAILED, Status.CANCELLED):
+        return
+    guest = request.guest
+    if guest is not None and request.host is not None:
+        hv = get_hypervisor(request.host.uri)
+        uuid = str(guest.uuid)
+        operations.destroy(hv, uuid)
+        operations.undefine(hv, uuid)
+        try:
+            plan = _plan(request)
+        except StepFailed:
+            plan = None
+        if plan is not None:
+            storage.delete_volume(hv, plan.pool.name, plan.volume)
+        guest_sync_state(host=request.host, info=DomainInfo.undefined(uuid))
+    job = _job(request)
+    if job is not None and job.status in Job.ACTIVE:
+        to = Job.Status.CANCELLED if request.status == Status.CANCELLED else Job.Status.FAILED
+        with contextlib.suppress(transitions.StaleState):
+            transitions.job_move(job.pk, expected=Job.ACTIVE, to=to, error=request.error)
+
+
+def reconcile_requests(host: Host, domains: dict[str, DomainInfo], *, stale_after: float) -> None:
+    """Catch what events missed on one host: stopped installers, deadlines, stalled steps."""
+    now = timezone.now()
+    for request in ProvisioningRequest.objects.filter(
+        host=host, status__in=_ACTIVE_STATUSES
+    ).select_related("guest", "host"):
+        if request.status == Status.WAITING:
+            info = domains.get(str(request.guest.uuid)) if request.guest else None
+            if info is None or not info.active:
+                request_domain_stopped(request.pk)
+            elif request.deadline and request.deadline < now:
+                fail(request.pk, "the installer did not finish before the deadline")
+        elif (now - request.updated).total_seconds() > stale_after:
+            # A worker died mid-step (its message was acknowledged): run the step again.
+            log.warning("request #%s stalled in %s; queueing it again", request.pk, request.status)
+            enqueue_advance(request)
+
+
+__all__ = [
+    "HypervisorError",
+    "Overrides",
+    "StepFailed",
+    "SubmitError",
+    "advance",
+    "cancel",
+    "cleanup",
+    "fail",
+    "reconcile_requests",
+    "request_domain_stopped",
+    "request_submit",
+]

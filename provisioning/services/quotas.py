@@ -1,0 +1,123 @@
+"""Quotas: what a user (and each group, all members together) may hold, checked at admission."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser, Group
+from django.db.models import Count, Q, Sum
+
+from provisioning.models import Guest, ProvisioningRequest, Quota
+
+Status = ProvisioningRequest.Status
+# Requests whose guest is being built count against the quota as if it existed.
+IN_FLIGHT = [
+    Status.ADMITTED,
+    Status.PREPARING,
+    Status.INSTALLING,
+    Status.WAITING,
+    Status.DEFINING,
+    Status.STARTING,
+]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Guests, vCPUs, memory and disk held (or being built)."""
+
+    guests: int = 0
+    vcpus: int = 0
+    memory_mib: int = 0
+    disk_mib: int = 0
+
+    def plus(self, vcpus: int, memory_mib: int, disk_mib: int) -> Usage:
+        return Usage(
+            self.guests + 1,
+            self.vcpus + vcpus,
+            self.memory_mib + memory_mib,
+            self.disk_mib + disk_mib,
+        )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The most one user or group may hold."""
+
+    guests: int
+    vcpus: int
+    memory_mib: int
+    disk_mib: int
+    source: str
+
+    @classmethod
+    def of(cls, quota: Quota, source: str) -> Limits:
+        return cls(
+            quota.max_guests, quota.max_vcpus, quota.max_memory_mib, quota.max_disk_mib, source
+        )
+
+
+DEFAULT = Limits(guests=10, vcpus=16, memory_mib=32768, disk_mib=204800, source="default quota")
+
+
+def _usage(owners: Q) -> Usage:
+    held = Guest.objects.filter(owners).filter(
+        ~Q(state=Guest.State.UNDEFINED) | Q(request__status__in=IN_FLIGHT)
+    )
+    totals = held.aggregate(
+        guests=Count("id"),
+        vcpus=Sum("vcpus"),
+        memory_mib=Sum("memory_mib"),
+        disk_mib=Sum("disk_mib"),
+    )
+    return Usage(**{k: int(v or 0) for k, v in totals.items()})
+
+
+def usage_of(user: AbstractBaseUser) -> Usage:
+    """What the user holds now."""
+    return _usage(Q(owner_id=user.pk))
+
+
+def limits_of(user: AbstractBaseUser) -> Limits:
+    """The user's own limits: their quota row, else the default."""
+    quota = Quota.objects.filter(user_id=user.pk).first()
+    return Limits.of(quota, "your quota") if quota else DEFAULT
+
+
+def _exceeds(usage: Usage, limits: Limits) -> str | None:
+    for field, unit in (
+        ("guests", ""),
+        ("vcpus", ""),
+        ("memory_mib", " MiB"),
+        ("disk_mib", " MiB"),
+    ):
+        have, most = getattr(usage, field), getattr(limits, field)
+        if have > most:
+            label = field.removesuffix("_mib").replace("vcpus", "vCPUs")
+            return (
+                f"quota exceeded: {label} would be {have}{unit}, "
+                f"{limits.source} allows {most}{unit}"
+            )
+    return None
+
+
+def quota_lock(user: AbstractBaseUser) -> None:
+    """Serialise admissions of this user and their groups (call inside a transaction)."""
+    get_user_model().objects.select_for_update().filter(pk=user.pk).first()
+    list(Group.objects.select_for_update().filter(user__pk=user.pk).order_by("pk"))
+
+
+def quota_problem(request: ProvisioningRequest) -> str | None:
+    """Why admitting this request would break a quota, or None when it fits."""
+    owner = request.owner
+    extra = (request.vcpus, request.memory_mib, request.disk_mib)
+    problem = _exceeds(usage_of(owner).plus(*extra), limits_of(owner))
+    if problem:
+        return problem
+    for quota in Quota.objects.filter(group__user__pk=owner.pk).select_related("group"):
+        assert quota.group is not None
+        group_usage = _usage(Q(owner__groups=quota.group)).plus(*extra)
+        problem = _exceeds(group_usage, Limits.of(quota, f"group {quota.group.name}'s quota"))
+        if problem:
+            return problem
+    return None
