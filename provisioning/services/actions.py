@@ -20,6 +20,7 @@ from provisioning.hypervisor.types import DomainInfo
 from provisioning.models import Guest, Job
 from provisioning.services import transitions
 from provisioning.services.guests import guest_sync_state
+from provisioning.services.provision import send_task
 
 log = logging.getLogger(__name__)
 K = Job.Kind
@@ -67,7 +68,7 @@ def guest_action(*, guest: Guest, kind: str, by: AbstractBaseUser | None, **opti
         job = transitions.job_open(kind=Job.Kind(kind), guest=guest, created_by=by, data=options)
         transitions.job_log(job.pk, f"{job.get_kind_display()} requested")
         queue = guest.host.queue
-        transaction.on_commit(lambda: tasks.run_job.apply_async((job.pk,), queue=queue))
+        transaction.on_commit(lambda: send_task(tasks.run_job, (job.pk,), queue=queue))
     return job
 
 
@@ -201,7 +202,7 @@ def reconcile_jobs(
         .select_related("guest__host")
     ):
         assert job.guest is not None
-        tasks.run_job.apply_async((job.pk,), queue=job.guest.host.queue)
+        send_task(tasks.run_job, (job.pk,), queue=job.guest.host.queue)
     for job in Job.objects.filter(
         kind=K.SHUTDOWN, status=Job.Status.RUNNING, guest__uuid__in=list(guests)
     ).select_related("guest"):

@@ -186,7 +186,17 @@ def enqueue_advance(request: ProvisioningRequest, *, countdown: float | None = N
     options: dict[str, Any] = {"queue": request.host.queue}
     if countdown is not None:
         options["countdown"] = countdown
-    tasks.advance_request.apply_async((request.pk,), **options)
+    send_task(tasks.advance_request, (request.pk,), **options)
+
+
+def send_task(task: Any, args: tuple[Any, ...], **options: Any) -> bool:
+    """Queue a task; with the broker away, log it and leave the row for reconcile to re-queue."""
+    try:
+        task.apply_async(args, **options)
+    except Exception as exc:  # noqa: BLE001 - kombu raises many kinds when Redis is down
+        log.warning("could not queue %s%s (reconcile will): %s", task.name, args, exc)
+        return False
+    return True
 
 
 # --- the steps --------------------------------------------------------------------------------
@@ -476,7 +486,7 @@ def cancel(request_id: int) -> ProvisioningRequest:
         host = request.host
         assert host is not None
         transaction.on_commit(
-            lambda: tasks.cleanup_request.apply_async((request_id,), queue=host.queue)
+            lambda: send_task(tasks.cleanup_request, (request_id,), queue=host.queue)
         )
     return request
 
@@ -519,9 +529,22 @@ def reconcile_requests(host: Host, domains: dict[str, DomainInfo], *, stale_afte
             elif request.deadline and request.deadline < now:
                 fail(request.pk, "the installer did not finish before the deadline")
         elif (now - request.updated).total_seconds() > stale_after:
-            # A worker died mid-step (its message was acknowledged): run the step again.
+            # A worker died mid-step (its message was acknowledged), or the broker was away when
+            # the step was queued: run the step again (steps are idempotent). Touching `updated`
+            # spaces the retries out.
             log.warning("request #%s stalled in %s; queueing it again", request.pk, request.status)
+            ProvisioningRequest.objects.filter(pk=request.pk, status=request.status).update(
+                updated=now
+            )
             enqueue_advance(request)
+    # Failed or cancelled requests whose cleanup never ran (its message was lost).
+    for request in ProvisioningRequest.objects.filter(
+        host=host,
+        status__in=(Status.FAILED, Status.CANCELLED),
+        guest__uuid__in=[uuid for uuid in domains],
+        guest__state=Guest.State.UNDEFINED,
+    ):
+        cleanup(request.pk)
 
 
 __all__ = [
