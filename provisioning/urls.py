@@ -2,9 +2,17 @@
 
 from django.urls import path
 
-from . import views
+from . import streams, views
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
+    path("events", streams.dashboard_events, name="dashboard-events"),
     path("healthz", views.healthz, name="healthz"),
+    path("guests/new", views.new_guest, name="new-guest"),
+    path("guests/<uuid:uuid>/", views.guest_detail, name="guest-detail"),
+    path("guests/<uuid:uuid>/events", streams.guest_events, name="guest-events"),
+    path("guests/<uuid:uuid>/actions/<slug:kind>", views.guest_action, name="guest-action"),
+    path("requests/<int:pk>/", views.request_detail, name="request-detail"),
+    path("requests/<int:pk>/events", streams.request_events, name="request-events"),
+    path("requests/<int:pk>/cancel", views.request_cancel, name="request-cancel"),
 ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from django.conf import settings
+
 from provisioning.hypervisor import operations
 from provisioning.hypervisor.connection import get_hypervisor
 from provisioning.hypervisor.types import DomainInfo
@@ -12,7 +14,6 @@ from provisioning.services import actions, provision
 from provisioning.services.guests import guest_sync_state
 
 log = logging.getLogger(__name__)
-STALE_STEP_SECONDS = 60.0
 
 
 def domain_changed(*, host: Host, uuid: str, info: DomainInfo | None = None) -> None:
@@ -59,6 +60,7 @@ def reconcile_host(host: Host) -> dict[str, int]:
             continue
         if guest_sync_state(host=host, info=info):
             synced += 1
-    provision.reconcile_requests(host, domains, stale_after=STALE_STEP_SECONDS)
-    actions.reconcile_jobs(hv, guests, domains, stale_after=STALE_STEP_SECONDS)
+    stale_after = settings.STALE_STEP_SECONDS
+    provision.reconcile_requests(host, domains, stale_after=stale_after)
+    actions.reconcile_jobs(hv, guests, domains, stale_after=stale_after)
     return {"domains": len(domains), "guests": len(guests), "synced": synced}

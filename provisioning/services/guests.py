@@ -28,8 +28,11 @@ def guest_sync_state(*, host: Host, info: DomainInfo) -> bool:
         )
     )
     if updated:
-        transitions.publish(
-            f"vmportal:guest:{info.uuid}",
-            {"guest": info.uuid, "state": info.state.value, "reason": info.reason},
+        payload = {"guest": info.uuid, "state": info.state.value, "reason": info.reason}
+        owner_id = Guest.objects.filter(host=host, uuid=info.uuid).values_list(
+            "owner_id", flat=True
         )
+        owners = [f"vmportal:owner:{owner}" for owner in owner_id]
+        for channel in (f"vmportal:guest:{info.uuid}", "vmportal:guests", *owners):
+            transitions.publish(channel, payload)
     return bool(updated) or Guest.objects.filter(host=host, uuid=info.uuid).exists()

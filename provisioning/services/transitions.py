@@ -252,7 +252,7 @@ def job_move(
             job_id=job_id, kind=JobEvent.Kind.STATE, message=message, progress=progress
         )
         job = Job.objects.get(pk=job_id)
-        publish(job_channel(job_id), _job_payload(job, event, previous=left))
+        _publish_job(job, _job_payload(job, event, previous=left))
     return job
 
 
@@ -272,7 +272,7 @@ def job_log(
         event = JobEvent.objects.create(
             job=job, kind=JobEvent.Kind(kind), message=message, progress=progress
         )
-        publish(job_channel(job_id), _job_payload(job, event))
+        _publish_job(job, _job_payload(job, event))
     return event
 
 
@@ -305,6 +305,14 @@ def job_open(
     # The blocking job ended between the clash and the look-up: the guest is free now.
     with transaction.atomic():
         return Job.objects.create(**fields)
+
+
+def _publish_job(job: Job, payload: Mapping[str, Any]) -> None:
+    """A job's news goes to its own channel and to its guest's, where the guest page listens."""
+    publish(job_channel(job.pk), payload)
+    if job.guest_id is not None:
+        uuid = Guest.objects.values_list("uuid", flat=True).get(pk=job.guest_id)
+        publish(f"vmportal:guest:{uuid}", payload)
 
 
 def _check_progress(progress: int | None) -> None:

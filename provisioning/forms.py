@@ -1,0 +1,66 @@
+"""Forms: what users may type, checked against the template's ranges before any service runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+
+from provisioning.models import NAME_VALIDATOR, GuestTemplate
+from provisioning.services.provision import Overrides
+
+
+class NewGuestForm(forms.Form):
+    """A new guest from one template: a name, the sizes it allows and its options."""
+
+    name = forms.CharField(max_length=63, validators=[NAME_VALIDATOR])
+    vcpus = forms.IntegerField(label="vCPUs")
+    memory_mib = forms.IntegerField(label="Memory (MiB)")
+    disk_mib = forms.IntegerField(label="Disk (MiB)")
+    start_paused = forms.BooleanField(required=False, label="Start paused")
+    autostart = forms.BooleanField(required=False, label="Start with the host (autostart)")
+    autodestroy = forms.BooleanField(
+        required=False, label="Destroy when the portal's connection closes (autodestroy)"
+    )
+
+    def __init__(self, *args: Any, template: GuestTemplate, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.template = template
+        for field in ("vcpus", "memory_mib", "disk_mib"):
+            low, default, high = (
+                getattr(template, f"{field}_{k}") for k in ("min", "default", "max")
+            )
+            f = self.fields[field]
+            assert isinstance(f, forms.IntegerField)
+            f.min_value, f.max_value, f.initial = low, high, default
+            f.validators.append(_range_validator(low, high))
+            f.widget.attrs.update(min=low, max=high)
+            f.help_text = f"{low} to {high}"
+        transient = template.lifecycle == GuestTemplate.Lifecycle.TRANSIENT
+        self.fields["start_paused"].initial = template.start_paused
+        self.fields["autostart"].initial = template.autostart
+        self.fields["autodestroy"].initial = template.autodestroy
+        if transient:
+            del self.fields["autostart"]
+        else:
+            del self.fields["autodestroy"]
+
+    def overrides(self) -> Overrides:
+        data = self.cleaned_data
+        return Overrides(
+            name=data["name"],
+            vcpus=data["vcpus"],
+            memory_mib=data["memory_mib"],
+            disk_mib=data["disk_mib"],
+            start_paused=data.get("start_paused"),
+            autostart=data.get("autostart"),
+            autodestroy=data.get("autodestroy"),
+        )
+
+
+def _range_validator(low: int, high: int) -> Any:
+    def check(value: int) -> None:
+        if not low <= value <= high:
+            raise forms.ValidationError(f"Pick between {low} and {high}.")
+
+    return check

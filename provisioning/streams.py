@@ -1,0 +1,147 @@
+"""Server-Sent Events for live pages: Redis pub/sub in, rendered partials out (ASGI only)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, StreamingHttpResponse
+from django.shortcuts import get_object_or_404
+from django.template.loader import render_to_string
+
+from .models import Guest, ProvisioningRequest
+
+log = logging.getLogger(__name__)
+KEEPALIVE_SECONDS = 15.0
+
+
+def _frame(event: str, html: str) -> bytes:
+    lines = "".join(f"data: {line}\n" for line in html.splitlines() or [""])
+    return f"event: {event}\n{lines}\n".encode()
+
+
+async def _stream(
+    channels: list[str], render: Callable[[], Any], *, final: Callable[[], Any] | None = None
+) -> AsyncIterator[bytes]:
+    """Send the rendered partial now and after every message on `channels`, until final."""
+    client = aioredis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2)
+    pubsub = client.pubsub()
+    try:
+        await pubsub.subscribe(*channels)
+        for event, html in await render():
+            yield _frame(event, html)
+        if final is not None and await final():
+            yield _frame("close", "")
+            return
+        while True:
+            message = await pubsub.get_message(
+                ignore_subscribe_messages=True, timeout=KEEPALIVE_SECONDS
+            )
+            if message is None:
+                yield b": keepalive\n\n"
+                continue
+            # Several messages may arrive together; one render covers them all.
+            while await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.01):
+                pass
+            for event, html in await render():
+                yield _frame(event, html)
+            if final is not None and await final():
+                yield _frame("close", "")
+                return
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+
+
+def _sse(stream: AsyncIterator[bytes]) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(stream, content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response
+
+
+async def _user(request: HttpRequest) -> Any:
+    return await request.auser()
+
+
+@login_required
+def request_events(request: HttpRequest, pk: int) -> StreamingHttpResponse:
+    """The request page's live status (htmx SSE)."""
+    from .views import _request_context, _requests_of
+
+    req = get_object_or_404(_requests_of(request), pk=pk)
+    job = req.jobs.order_by("-created").values_list("pk", flat=True).first()
+    channels = [f"vmportal:request:{req.pk}"] + ([f"vmportal:job:{job}"] if job else [])
+
+    @sync_to_async
+    def render() -> list[tuple[str, str]]:
+        fresh = ProvisioningRequest.objects.select_related("template", "host", "guest").get(pk=pk)
+        html = render_to_string(
+            "provisioning/request_detail.html#request-status",
+            _request_context(fresh),
+            request=request,
+        )
+        return [("status", html)]
+
+    @sync_to_async
+    def final() -> bool:
+        return ProvisioningRequest.objects.get(pk=pk).is_final
+
+    return _sse(_stream(channels, render, final=final))
+
+
+@login_required
+def guest_events(request: HttpRequest, uuid: str) -> StreamingHttpResponse:
+    """The guest page's live state, actions and jobs (htmx SSE)."""
+    from .views import _guest_context, _guests_of
+
+    guest = get_object_or_404(_guests_of(request), uuid=uuid)
+
+    @sync_to_async
+    def render() -> list[tuple[str, str]]:
+        fresh = Guest.objects.select_related("host", "template", "owner").get(pk=guest.pk)
+        html = render_to_string(
+            "provisioning/guest_detail.html#guest-status", _guest_context(fresh), request=request
+        )
+        return [("status", html)]
+
+    return _sse(_stream([f"vmportal:guest:{guest.uuid}"], render))
+
+
+@login_required
+def dashboard_events(request: HttpRequest) -> StreamingHttpResponse:
+    """Live state badges for the dashboard's guest rows."""
+    channel = "vmportal:guests" if request.user.is_staff else f"vmportal:owner:{request.user.pk}"
+    owner_id = None if request.user.is_staff else request.user.pk
+    last: dict[str, str] = {}
+
+    @sync_to_async
+    def render() -> list[tuple[str, str]]:
+        # Only rows whose state changed since the last look are sent.
+        guests = Guest.objects.exclude(state=Guest.State.UNDEFINED)
+        if owner_id is not None:
+            guests = guests.filter(owner_id=owner_id)
+        changed: list[tuple[str, str]] = []
+        for uuid, state, reason, display in (
+            (str(g.uuid), g.state, g.state_reason, g.get_state_display())
+            for g in guests.only("uuid", "state", "state_reason").order_by("-state_changed")[:500]
+        ):
+            key = f"{state}/{reason}"
+            if last.get(uuid) == key:
+                continue
+            first = uuid not in last
+            last[uuid] = key
+            if not first:
+                html = render_to_string(
+                    "provisioning/htmx/state_badge.html",
+                    {"uuid": uuid, "state": state, "reason": reason, "display": display},
+                )
+                changed.append((f"guest-{uuid}", html))
+        return changed
+
+    return _sse(_stream([channel], render))
