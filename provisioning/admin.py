@@ -1,13 +1,28 @@
 """The Django admin: staff curate hosts, storage, media, networks, templates and quotas."""
 
-from django.contrib import admin
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils.html import format_html
 
 from . import models
+from .services import templates
 
 
 @admin.register(models.Host)
 class HostAdmin(admin.ModelAdmin):
-    list_display = ("name", "uri", "enabled", "domain_type", "detected_domain_type", "last_seen")
+    list_display = (
+        "name",
+        "uri",
+        "enabled",
+        "capacity_vcpus",
+        "capacity_memory_mib",
+        "domain_type",
+        "detected_domain_type",
+        "last_seen",
+    )
     list_filter = ("enabled", "domain_type")
     search_fields = ("name", "uri")
     readonly_fields = ("detected_domain_type", "last_seen", "created")
@@ -39,7 +54,8 @@ class GuestTemplateAdmin(admin.ModelAdmin):
     list_display = ("name", "method", "lifecycle", "version", "enabled", "host", "updated")
     list_filter = ("method", "lifecycle", "enabled", "host")
     search_fields = ("name", "description")
-    readonly_fields = ("version", "created", "updated")
+    readonly_fields = ("version", "created", "updated", "xml_preview")
+    actions = ["validate_with_libvirt"]
     fieldsets = (
         (None, {"fields": ("name", "description", "enabled", "version", "host")}),
         (
@@ -70,7 +86,39 @@ class GuestTemplateAdmin(admin.ModelAdmin):
             },
         ),
         ("Options", {"fields": ("start_paused", "autodestroy", "autostart")}),
+        ("Domain XML of an example guest", {"fields": ("xml_preview",)}),
     )
+
+    @admin.display(description="Preview")
+    def xml_preview(self, obj: models.GuestTemplate) -> str:
+        if obj.pk is None:
+            return "Save the template to see its domain XML."
+        preview = templates.template_preview(obj)
+        if "error" in preview:
+            return format_html('<p class="errornote">{}</p>', preview["error"])
+        install = preview["install"]
+        return format_html(
+            "{}<h4>Final (persistent) phase</h4><pre>{}</pre>",
+            format_html("<h4>Install phase</h4><pre>{}</pre>", install) if install else "",
+            preview["final"],
+        )
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        templates.template_saved(template=obj, changed=change and form.has_changed())
+
+    @admin.action(description="Validate the domain XML with libvirt")
+    def validate_with_libvirt(
+        self, request: HttpRequest, queryset: QuerySet[models.GuestTemplate]
+    ) -> None:
+        for template in queryset:
+            problems = templates.template_validate(template)
+            if problems:
+                self.message_user(
+                    request, f"{template.name}: {'; '.join(problems)}", messages.ERROR
+                )
+            else:
+                self.message_user(request, f"{template.name}: libvirt accepts both phases.")
 
 
 @admin.register(models.Guest)

@@ -212,6 +212,7 @@ class Plan:
     template: GuestTemplate
     pool: StoragePool
     volume: str
+    domain_type: str | None = None  # None: the host's (probed once)
 
     @property
     def hv(self) -> Hypervisor:
@@ -257,7 +258,7 @@ class Plan:
             memory_mib=g.memory_mib,
             vcpus=g.vcpus,
             method=t.method,  # type: ignore[arg-type]
-            domain_type=host_domain_type(host=self.host),
+            domain_type=self.domain_type or host_domain_type(host=self.host),
             disks=(domxml.DiskSpec(domxml.VolumeRef(self.pool.name, self.volume)),),
             nics=nics,
             media=media,

@@ -1,0 +1,83 @@
+"""Templates: versions, and what their domain XML looks like and whether libvirt accepts it."""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+
+from django.db.models import F
+
+from provisioning.hypervisor import domxml, operations
+from provisioning.hypervisor.connection import get_hypervisor
+from provisioning.hypervisor.errors import HypervisorError
+from provisioning.models import Guest, GuestTemplate, Host, ProvisioningRequest, StoragePool
+from provisioning.services.hosts import host_ensure_local
+from provisioning.services.provision import Plan
+
+PREVIEW_UUID = "00000000-0000-4000-8000-000000000001"
+
+
+def template_saved(*, template: GuestTemplate, changed: bool) -> GuestTemplate:
+    """A saved change makes a new version; guests and requests keep the one they were built from."""
+    if changed:
+        GuestTemplate.objects.filter(pk=template.pk).update(version=F("version") + 1)
+        template.refresh_from_db(fields=["version"])
+    return template
+
+
+def _plan(template: GuestTemplate, *, name: str, uuid: str) -> Plan:
+    host: Host = template.host or host_ensure_local()
+    pool = template.pool or host.pools.filter(for_guest_disks=True).first()
+    if pool is None:
+        pool = StoragePool(host=host, name="default", path="/var/lib/libvirt/images")
+    guest = Guest(
+        host=host,
+        name=name,
+        uuid=uuidlib.UUID(uuid),
+        mac="52:54:00:00:00:01",
+        vcpus=template.vcpus_default,
+        memory_mib=template.memory_mib_default,
+        disk_mib=template.disk_mib_default,
+    )
+    request = ProvisioningRequest(pk=0, template=template, template_version=template.version)
+    domain_type = host.detected_domain_type or (
+        host.domain_type if host.domain_type != Host.DomainType.AUTO else "qemu"
+    )
+    return Plan(request, guest, host, template, pool, f"{name}.qcow2", domain_type=domain_type)
+
+
+def template_preview(template: GuestTemplate) -> dict[str, str]:
+    """Both phases' domain XML for an example guest, or the reason there is none."""
+    plan = _plan(template, name="example", uuid=PREVIEW_UUID)
+    try:
+        spec = plan.spec()
+        final = domxml.pretty(domxml.final_xml(spec))
+        install = domxml.pretty(domxml.install_xml(spec)) if plan.installs else ""
+    except domxml.SpecError as exc:
+        return {"error": str(exc)}
+    return {"install": install, "final": final}
+
+
+def template_validate(template: GuestTemplate) -> list[str]:
+    """Define both phases' XML with validation on (then undefine them); the problems found."""
+    problems: list[str] = []
+    uuid = str(uuidlib.uuid4())
+    plan = _plan(template, name=f"vmportal-validate-{uuid[:8]}", uuid=uuid)
+    try:
+        spec = plan.spec()
+        documents = {"final": domxml.final_xml(spec)}
+        if plan.installs:
+            documents["install"] = domxml.install_xml(spec)
+    except domxml.SpecError as exc:
+        return [str(exc)]
+    hv = get_hypervisor(plan.host.uri)
+    for phase, xml in documents.items():
+        try:
+            operations.define(hv, xml)
+        except HypervisorError as exc:
+            problems.append(f"{phase} phase: {exc}")
+        finally:
+            try:
+                operations.undefine(hv, uuid)
+            except HypervisorError as exc:
+                problems.append(f"cleanup: {exc}")
+    return problems

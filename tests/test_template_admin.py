@@ -1,0 +1,72 @@
+"""Templates in the admin: versions on save, a preview of both phases, validation by libvirt."""
+
+from __future__ import annotations
+
+import pytest
+from django.test import Client
+
+from provisioning.models import GuestTemplate, Host, Media, StoragePool
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def template(settings) -> GuestTemplate:
+    settings.LIBVIRT_URI = "test+unix:///default"
+    host = Host.objects.create(name="local", uri="test+unix:///default")
+    pool = StoragePool.objects.create(host=host, name="default-pool", path="/default-pool")
+    media = Media.objects.create(
+        name="k", kind=Media.Kind.KERNEL, kernel_path="/boot/vmlinuz", initrd_path="/boot/initrd"
+    )
+    return GuestTemplate.objects.create(
+        name="Tiny",
+        method=GuestTemplate.Method.KERNEL,
+        media=media,
+        pool=pool,
+        kernel_cmdline="console=ttyS0 vmportal.install=1",
+        disk_mib_min=64,
+        disk_mib_default=64,
+    )
+
+
+def test_the_change_page_previews_both_phases(superuser_client: Client, template) -> None:
+    body = superuser_client.get(f"/admin/provisioning/guesttemplate/{template.pk}/change/")
+    text = body.content.decode()
+    assert "Install phase" in text and "Final (persistent) phase" in text
+    assert "&lt;kernel&gt;/boot/vmlinuz&lt;/kernel&gt;" in text
+    assert "&lt;on_reboot&gt;destroy&lt;/on_reboot&gt;" in text
+
+
+def test_saving_a_change_makes_a_new_version(superuser_client: Client, template) -> None:
+    url = f"/admin/provisioning/guesttemplate/{template.pk}/change/"
+    form = superuser_client.get(url).context["adminform"].form
+    data = {k: v for k, v in form.initial.items() if v is not None}
+    data.update(
+        description="Now with a description", media=template.media_id, pool=template.pool_id
+    )
+    data = {k: ("on" if v is True else v) for k, v in data.items() if v is not False}
+    response = superuser_client.post(url, data)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    template.refresh_from_db()
+    assert template.version == 2
+    assert template.description == "Now with a description"
+
+
+def test_validate_with_libvirt_reports_success(superuser_client: Client, template) -> None:
+    response = superuser_client.post(
+        "/admin/provisioning/guesttemplate/",
+        {"action": "validate_with_libvirt", "_selected_action": [template.pk]},
+        follow=True,
+    )
+    assert "Tiny: libvirt accepts both phases." in response.content.decode()
+
+
+def test_validate_with_libvirt_names_a_bad_template(superuser_client: Client, template) -> None:
+    GuestTemplate.objects.filter(pk=template.pk).update(kernel_cmdline="bad\x07bell")
+    response = superuser_client.post(
+        "/admin/provisioning/guesttemplate/",
+        {"action": "validate_with_libvirt", "_selected_action": [template.pk]},
+        follow=True,
+    )
+    assert "Tiny: " in response.content.decode()
+    assert "cmdline" in response.content.decode()
