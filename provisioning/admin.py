@@ -25,7 +25,7 @@ class HostAdmin(admin.ModelAdmin):
     )
     list_filter = ("enabled", "domain_type")
     search_fields = ("name", "uri")
-    readonly_fields = ("detected_domain_type", "last_seen", "created")
+    readonly_fields = ("detected_domain_type", "last_seen", "unmanaged_domains", "created")
 
 
 @admin.register(models.StoragePool)
@@ -169,3 +169,34 @@ class QuotaAdmin(admin.ModelAdmin):
     list_display = ("__str__", "max_guests", "max_vcpus", "max_memory_mib", "max_disk_mib")
     search_fields = ("user__username", "group__name")
     list_select_related = ("user", "group")
+
+
+class ScheduleRunInline(admin.TabularInline):
+    model = models.ScheduleRun
+    extra = 0
+    readonly_fields = ("fired", "outcome", "result", "duration", "job", "message")
+    can_delete = False
+
+
+@admin.register(models.RebuildSchedule)
+class RebuildScheduleAdmin(admin.ModelAdmin):
+    list_display = ("guest", "periodic_task", "source", "created_by", "created")
+    list_filter = ("source",)
+    search_fields = ("guest__name", "periodic_task__name")
+    list_select_related = ("guest", "periodic_task", "created_by")
+    inlines = [ScheduleRunInline]
+
+
+@admin.register(models.ScheduleRun)
+class ScheduleRunAdmin(admin.ModelAdmin):
+    list_display = ("schedule", "fired", "outcome", "result", "duration", "message")
+    list_filter = ("outcome",)
+    search_fields = ("schedule__guest__name", "message")
+    list_select_related = ("schedule__guest", "schedule__periodic_task", "job")
+
+
+@admin.register(models.TemplateVersion)
+class TemplateVersionAdmin(admin.ModelAdmin):
+    list_display = ("template", "version", "created")
+    list_filter = ("template",)
+    readonly_fields = ("template", "version", "fields", "created")

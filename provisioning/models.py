@@ -40,6 +40,11 @@ class Host(models.Model):
     domain_type = models.CharField(max_length=8, choices=DomainType, default=DomainType.AUTO)
     detected_domain_type = models.CharField(max_length=8, blank=True)
     last_seen = models.DateTimeField(null=True, blank=True)
+    unmanaged_domains = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Domains found on the host that the portal did not make.",
+    )
     created = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -342,8 +347,14 @@ class ProvisioningRequest(models.Model):
     host = models.ForeignKey(
         Host, null=True, blank=True, on_delete=models.PROTECT, related_name="requests"
     )
-    guest = models.OneToOneField(
-        Guest, null=True, blank=True, on_delete=models.SET_NULL, related_name="request"
+
+    class Kind(models.TextChoices):
+        NEW = "new", "New guest"
+        REBUILD = "rebuild", "Rebuild of an existing guest"
+
+    kind = models.CharField(max_length=8, choices=Kind, default=Kind.NEW)
+    guest = models.ForeignKey(
+        Guest, null=True, blank=True, on_delete=models.SET_NULL, related_name="requests"
     )
     status = models.CharField(max_length=12, choices=Status, default=Status.PENDING, db_index=True)
     error = models.TextField(blank=True)
@@ -500,3 +511,84 @@ class RequestEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.from_status} → {self.to_status}"
+
+
+class TemplateVersion(models.Model):
+    """What a template said at one version, so a guest can be rebuilt from the version it has."""
+
+    template = models.ForeignKey(GuestTemplate, on_delete=models.CASCADE, related_name="versions")
+    version = models.PositiveIntegerField()
+    fields = models.JSONField()
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["template", "-version"]
+        constraints = [
+            models.UniqueConstraint(fields=["template", "version"], name="template_version_once"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.template.name} v{self.version}"
+
+
+class RebuildSchedule(models.Model):
+    """A guest rebuilt from its template on a schedule (a django-celery-beat periodic task)."""
+
+    class Source(models.TextChoices):
+        LATEST = "latest", "The template's latest version"
+        PINNED = "pinned", "The version the guest has"
+
+    guest = models.ForeignKey(Guest, on_delete=models.CASCADE, related_name="schedules")
+    periodic_task = models.OneToOneField(
+        "django_celery_beat.PeriodicTask", on_delete=models.CASCADE, related_name="rebuild"
+    )
+    source = models.CharField(max_length=8, choices=Source, default=Source.LATEST)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["guest__name", "id"]
+
+    def __str__(self) -> str:
+        return f"Rebuild {self.guest} ({self.periodic_task.name})"
+
+
+class ScheduleRun(models.Model):
+    """One firing of a rebuild schedule: skipped (guest busy), or the rebuild job it started."""
+
+    class Outcome(models.TextChoices):
+        FIRED = "fired", "Fired"
+        SKIPPED = "skipped", "Skipped"
+        FAILED = "failed", "Could not start"
+
+    schedule = models.ForeignKey(RebuildSchedule, on_delete=models.CASCADE, related_name="runs")
+    fired = models.DateTimeField(auto_now_add=True)
+    outcome = models.CharField(max_length=8, choices=Outcome, default=Outcome.FIRED)
+    job = models.ForeignKey(
+        Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="schedule_runs"
+    )
+    message = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-fired", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.schedule} at {self.fired:%Y-%m-%d %H:%M}: {self.outcome}"
+
+    @property
+    def result(self) -> str:
+        """fired, skipped, succeeded or failed: a fired run ends as its job does."""
+        if self.outcome == self.Outcome.FIRED and self.job is not None:
+            return {"succeeded": "succeeded", "failed": "failed", "cancelled": "failed"}.get(
+                self.job.status, "running"
+            )
+        return str(self.outcome)
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds the rebuild took, once it ended."""
+        if self.job is None or self.job.started is None or self.job.completed is None:
+            return None
+        return (self.job.completed - self.job.started).total_seconds()

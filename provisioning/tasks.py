@@ -94,3 +94,11 @@ def reconcile_host(host_id: int) -> dict[str, Any]:
     from provisioning.services import events
 
     return events.reconcile_host(Host.objects.get(pk=host_id))
+
+
+@shared_task(name="provisioning.scheduled_rebuild")
+def scheduled_rebuild(schedule_id: int) -> None:
+    """A rebuild schedule fired (sent by beat)."""
+    from provisioning.services import schedules
+
+    schedules.schedule_fire(schedule_id)

@@ -12,6 +12,18 @@ urlpatterns = [
     path("guests/<uuid:uuid>/", views.guest_detail, name="guest-detail"),
     path("guests/<uuid:uuid>/events", streams.guest_events, name="guest-events"),
     path("guests/<uuid:uuid>/actions/<slug:kind>", views.guest_action, name="guest-action"),
+    path("guests/<uuid:uuid>/rebuild", views.guest_rebuild, name="guest-rebuild"),
+    path("guests/<uuid:uuid>/schedules", views.schedule_create, name="schedule-create"),
+    path(
+        "guests/<uuid:uuid>/schedules/<int:pk>/toggle",
+        views.schedule_toggle,
+        name="schedule-toggle",
+    ),
+    path(
+        "guests/<uuid:uuid>/schedules/<int:pk>/delete",
+        views.schedule_delete,
+        name="schedule-delete",
+    ),
     path("requests/<int:pk>/", views.request_detail, name="request-detail"),
     path("requests/<int:pk>/events", streams.request_events, name="request-events"),
     path("requests/<int:pk>/cancel", views.request_cancel, name="request-cancel"),

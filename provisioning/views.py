@@ -20,8 +20,17 @@ from .forms import NewGuestForm
 from .hypervisor import domxml, operations
 from .hypervisor.connection import get_hypervisor
 from .hypervisor.errors import HypervisorError
-from .models import Guest, GuestTemplate, Host, Job, JobEvent, ProvisioningRequest
-from .services import actions, consoles, provision, quotas, transitions
+from .models import (
+    Guest,
+    GuestTemplate,
+    Host,
+    Job,
+    JobEvent,
+    ProvisioningRequest,
+    RebuildSchedule,
+    ScheduleRun,
+)
+from .services import actions, consoles, provision, quotas, schedules, transitions
 
 PAGE_SIZE = 50
 STOP_POLLING = 286  # htmx stops polling on this status
@@ -228,8 +237,19 @@ def _guest_context(guest: Guest) -> dict[str, Any]:
         and guest.template_version is not None
         and guest.template.version > guest.template_version
     )
+    schedules = list(
+        guest.schedules.select_related("periodic_task__interval", "periodic_task__crontab")
+    )
+    runs = list(
+        ScheduleRun.objects.filter(schedule__guest=guest).select_related("job", "schedule")[:20]
+    )
     return {
         "guest": guest,
+        "schedules": schedules,
+        "runs": runs,
+        "can_rebuild": active is None
+        and guest.template is not None
+        and guest.state != Guest.State.UNDEFINED,
         "jobs": jobs,
         "active_job": active,
         "actions": [] if active else actions.allowed_actions(guest),
@@ -285,3 +305,70 @@ def guest_action(request: HttpRequest, uuid: str, kind: str) -> HttpResponse:
         guest.refresh_from_db()
         return render(request, "provisioning/guest_detail.html#guest-status", _guest_context(guest))
     return redirect("guest-detail", uuid=guest.uuid)
+
+
+@login_required
+@require_POST
+def guest_rebuild(request: HttpRequest, uuid: str) -> HttpResponse:
+    """Rebuild the guest from its template now."""
+    guest = get_object_or_404(_guests_of(request).select_related("host", "template"), uuid=uuid)
+    latest = request.POST.get("source", "latest") == "latest"
+    try:
+        made = provision.reprovision_submit(guest=guest, by=_user(request), latest=latest)
+    except (provision.SubmitError, transitions.GuestBusy) as exc:
+        messages.error(request, str(exc))
+        return redirect("guest-detail", uuid=guest.uuid)
+    messages.success(request, f"Rebuilding {guest.name}.")
+    return redirect("request-detail", pk=made.pk)
+
+
+@login_required
+@require_POST
+def schedule_create(request: HttpRequest, uuid: str) -> HttpResponse:
+    """Add a rebuild schedule to the guest (every N minutes, or cron)."""
+    guest = get_object_or_404(_guests_of(request).select_related("template"), uuid=uuid)
+    raw_minutes = request.POST.get("every_minutes", "").strip()
+    try:
+        minutes = int(raw_minutes) if raw_minutes else None
+    except ValueError:
+        messages.error(request, "The interval must be a whole number of minutes.")
+        return redirect("guest-detail", uuid=guest.uuid)
+    try:
+        schedules.schedule_create(
+            guest=guest,
+            by=_user(request),
+            every_minutes=minutes,
+            cron=request.POST.get("cron", "")[:100],
+            latest=request.POST.get("source", "latest") == "latest",
+            enabled=request.POST.get("enabled", "on") == "on",
+        )
+    except schedules.ScheduleError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, "Schedule added.")
+    return redirect("guest-detail", uuid=guest.uuid)
+
+
+def _schedule_of(request: HttpRequest, uuid: str, pk: int) -> RebuildSchedule:
+    guest = get_object_or_404(_guests_of(request), uuid=uuid)
+    return get_object_or_404(
+        RebuildSchedule.objects.select_related("periodic_task"), guest=guest, pk=pk
+    )
+
+
+@login_required
+@require_POST
+def schedule_toggle(request: HttpRequest, uuid: str, pk: int) -> HttpResponse:
+    """Enable or disable a schedule."""
+    schedule = _schedule_of(request, uuid, pk)
+    schedules.schedule_set_enabled(schedule=schedule, enabled=not schedule.periodic_task.enabled)
+    return redirect("guest-detail", uuid=uuid)
+
+
+@login_required
+@require_POST
+def schedule_delete(request: HttpRequest, uuid: str, pk: int) -> HttpResponse:
+    """Remove a schedule."""
+    schedules.schedule_delete(schedule=_schedule_of(request, uuid, pk))
+    messages.success(request, "Schedule removed.")
+    return redirect("guest-detail", uuid=uuid)

@@ -19,6 +19,9 @@ MODELS = [
     models.ProvisioningRequest,
     models.Job,
     models.Quota,
+    models.RebuildSchedule,
+    models.ScheduleRun,
+    models.TemplateVersion,
 ]
 
 

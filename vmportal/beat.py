@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any
 
 from django_celery_beat.schedulers import DatabaseScheduler
@@ -19,8 +20,13 @@ class HeartbeatScheduler(DatabaseScheduler):
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         try:
-            heartbeat.beat("beat", "scheduler", pid=os.getpid())
-        except Exception as exc:  # noqa: BLE001
+            leader = heartbeat.lead("beat", ttl=int(HEARTBEAT_EVERY * 3))
+            heartbeat.beat("beat", f"{socket.gethostname()}:{os.getpid()}", leader=leader)
+        except Exception as exc:  # noqa: BLE001 - without Redis nothing could be sent anyway
             log.warning("beat heartbeat failed: %s", exc)
+            return HEARTBEAT_EVERY
+        if not leader:
+            # Another beat acts; this one stands by, ready to take over when that one stops.
+            return HEARTBEAT_EVERY
         delay = super().tick(*args, **kwargs)
         return min(delay, HEARTBEAT_EVERY)

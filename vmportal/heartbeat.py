@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from typing import Any
 
@@ -38,3 +40,22 @@ def alive(part: str) -> dict[str, dict[str, Any]]:
         ident = key.decode().removeprefix(f"{PREFIX}{part}:")
         found[ident] = json.loads(value)
     return found
+
+
+def lead(role: str, *, ttl: int) -> bool:
+    """Claim or keep the single leader slot for `role` (e.g. one acting beat); True if ours."""
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    key = f"vmportal:leader:{role}"
+    conn = client()
+    if conn.set(key, me, nx=True, ex=ttl):
+        return True
+    # Renew only our own claim, atomically.
+    renewed = conn.eval(
+        "if redis.call('get', KEYS[1]) == ARGV[1] then "
+        "return redis.call('expire', KEYS[1], ARGV[2]) else return 0 end",
+        1,
+        key,
+        me,
+        ttl,
+    )
+    return bool(renewed)

@@ -14,6 +14,7 @@ from provisioning.hypervisor import storage
 from provisioning.hypervisor.connection import get_hypervisor
 from provisioning.models import GuestTemplate, Host, Media, StoragePool
 from provisioning.services.hosts import host_domain_type
+from provisioning.services.templates import template_saved
 
 DEMO_TEMPLATE_NAME = "Tiny Linux (direct kernel boot)"
 DEMO_MEDIA_NAME = "Tiny Linux kernel + installer initrd"
@@ -86,5 +87,7 @@ def demo_seed(*, host: Host, log: Callable[[str], None] = print) -> GuestTemplat
                 "install_timeout_minutes": 10,
             },
         )
+    if created:
+        template_saved(template=template, changed=False)
     log(f"demo: template '{template.name}' {'registered' if created else 'present'} on {host}")
     return template

@@ -51,6 +51,16 @@ def reconcile_host(host: Host) -> dict[str, int]:
             host=host, status__in=provision._ACTIVE_STATUSES
         ).values_list("guest__uuid", flat=True)
     )
+    known = {
+        str(u) for u in Guest.objects.filter(uuid__in=list(domains)).values_list("uuid", flat=True)
+    }
+    unmanaged = [
+        {"uuid": d.uuid, "name": d.name, "state": d.state.value}
+        for d in domains.values()
+        if d.uuid not in known
+    ]
+    if unmanaged != host.unmanaged_domains:
+        Host.objects.filter(pk=host.pk).update(unmanaged_domains=unmanaged)
     synced = 0
     for uuid, guest in guests.items():
         if guest.uuid in busy:

@@ -29,6 +29,7 @@ from provisioning.hypervisor.errors import (
     InvalidConfig,
     NotFound,
     Unsupported,
+    WrongState,
 )
 from provisioning.hypervisor.types import DomainInfo, GuestState
 from provisioning.models import (
@@ -39,6 +40,7 @@ from provisioning.models import (
     Job,
     ProvisioningRequest,
     StoragePool,
+    TemplateVersion,
 )
 from provisioning.services import quotas, transitions
 from provisioning.services.consoles import console_log_path
@@ -48,6 +50,7 @@ from provisioning.services.hosts import host_domain_type, host_ensure_local
 log = logging.getLogger(__name__)
 Status = ProvisioningRequest.Status
 MiB = 1024 * 1024
+REBUILD_SHUTDOWN_GRACE = timedelta(seconds=60)
 
 # Progress of the provisioning job at each status.
 PROGRESS = {
@@ -178,6 +181,42 @@ def request_submit(
 _ACTIVE_STATUSES = [s for s in Status if s not in transitions.REQUEST_FINAL]
 
 
+def reprovision_submit(
+    *, guest: Guest, by: User | None, latest: bool = True
+) -> ProvisioningRequest:
+    """Rebuild a guest from its template (keeping name, UUID and MAC); GuestBusy if it is busy."""
+    template = guest.template
+    if template is None:
+        raise SubmitError({"template": f"{guest.name} was not made from a template."})
+    if guest.state == Guest.State.UNDEFINED:
+        raise SubmitError({"guest": f"{guest.name} does not exist any more."})
+    version = (
+        template.version if latest or guest.template_version is None else guest.template_version
+    )
+    with transaction.atomic():
+        job = transitions.job_open(kind=Job.Kind.REPROVISION, guest=guest, created_by=by)
+        request = ProvisioningRequest.objects.create(
+            kind=ProvisioningRequest.Kind.REBUILD,
+            owner=guest.owner,
+            template=template,
+            template_version=version,
+            host=guest.host,
+            guest=guest,
+            name=guest.name,
+            vcpus=guest.vcpus,
+            memory_mib=guest.memory_mib,
+            disk_mib=guest.disk_mib,
+            autostart=guest.autostart,
+        )
+        Job.objects.filter(pk=job.pk).update(request=request)
+        Guest.objects.filter(pk=guest.pk).update(template_version=version)
+        transitions.job_log(
+            job.pk, f"Rebuild from {template.name} v{version} requested", progress=0
+        )
+        transaction.on_commit(lambda: enqueue_advance(request))
+    return request
+
+
 def enqueue_advance(request: ProvisioningRequest, *, countdown: float | None = None) -> None:
     """Queue the request's next step on its host's queue."""
     from provisioning import tasks
@@ -231,6 +270,10 @@ class Plan:
         )
 
     @property
+    def rebuild(self) -> bool:
+        return self.request.kind == ProvisioningRequest.Kind.REBUILD
+
+    @property
     def transient(self) -> bool:
         return self.template.lifecycle == GuestTemplate.Lifecycle.TRANSIENT
 
@@ -279,11 +322,21 @@ def _plan(request: ProvisioningRequest) -> Plan:
     host = request.host
     if guest is None or host is None:
         raise StepFailed("the request has no guest or host")
-    template = request.template
+    template = _template_at(request.template, request.template_version)
     pool = template.pool or host.pools.filter(for_guest_disks=True).first()
     if pool is None or pool.host_id != host.pk:
         raise StepFailed(f"no storage pool for guest disks is registered on {host}")
     return Plan(request, guest, host, template, pool, f"{guest.name}-{guest.uuid.hex[:8]}.qcow2")
+
+
+def _template_at(template: GuestTemplate, version: int) -> GuestTemplate:
+    """The template as it was at `version` (its saved snapshot), or as it is now."""
+    if version == template.version:
+        return template
+    snapshot = TemplateVersion.objects.filter(template=template, version=version).first()
+    if snapshot is None:
+        return template
+    return GuestTemplate(pk=template.pk, version=version, **snapshot.fields)
 
 
 def _load(request_id: int) -> ProvisioningRequest:
@@ -301,10 +354,26 @@ def _move(plan: Plan, expected: Status, to: Status, note: str = "", **fields: An
 
 
 def _job(request: ProvisioningRequest) -> Job | None:
-    return Job.objects.filter(request=request, kind=Job.Kind.PROVISION).order_by("-created").first()
+    return (
+        Job.objects.filter(request=request, kind__in=(Job.Kind.PROVISION, Job.Kind.REPROVISION))
+        .order_by("-created")
+        .first()
+    )
+
+
+class Later(Exception):
+    """The step must wait (a guest shutting down); it is queued again after `seconds`."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        super().__init__(f"again in {seconds} s")
 
 
 def _admit(plan: Plan) -> None:
+    if plan.rebuild:
+        # The guest exists and counts against the quota already.
+        _move(plan, Status.PENDING, Status.ADMITTED, "Admitted: rebuild of an existing guest")
+        return
     with transaction.atomic():
         quotas.quota_lock(plan.request.owner)
         problem = quotas.quota_problem(plan.request)
@@ -313,8 +382,37 @@ def _admit(plan: Plan) -> None:
         _move(plan, Status.PENDING, Status.ADMITTED, "Admitted within quota")
 
 
+def _stop_for_rebuild(plan: Plan) -> None:
+    """Shut the guest down gracefully, forcing it off once the grace period is over."""
+    info = operations.get_info(plan.hv, plan.uuid)
+    if not info.active:
+        return
+    now = timezone.now()
+    job = _job(plan.request)
+    if plan.request.deadline is None:
+        # A paused guest ignores ACPI; the grace period then ends in a forced off.
+        with contextlib.suppress(WrongState):
+            operations.shutdown(plan.hv, plan.uuid)
+        ProvisioningRequest.objects.filter(pk=plan.request.pk, status=Status.PREPARING).update(
+            deadline=now + REBUILD_SHUTDOWN_GRACE
+        )
+        if job is not None:
+            transitions.job_log(job.pk, "Asked the guest to shut down before the rebuild")
+        raise Later(2.0)
+    if plan.request.deadline > now:
+        raise Later(2.0)
+    operations.destroy(plan.hv, plan.uuid)
+    if job is not None:
+        transitions.job_log(job.pk, "The guest did not shut down in time; forced off")
+
+
 def _prepare(plan: Plan) -> None:
     size = plan.guest.disk_mib * MiB
+    if plan.rebuild:
+        _stop_for_rebuild(plan)
+        operations.remove_managed_save(plan.hv, plan.uuid)
+        # The disk is made anew from the template, as on the first install.
+        storage.delete_volume(plan.hv, plan.pool.name, plan.volume)
     if plan.template.method == GuestTemplate.Method.IMPORT:
         try:
             storage.clone_volume(plan.hv, plan.pool.name, plan.template.base_volume, plan.volume)
@@ -337,7 +435,9 @@ def _prepare(plan: Plan) -> None:
 def _install(plan: Plan) -> None:
     spec = plan.spec()
     info = operations.get_info(plan.hv, plan.uuid)
-    if not info.exists:
+    if not info.active:
+        # Also for a rebuild: createXML starts the inactive persistent guest (same name and
+        # UUID) with the installer's config, leaving its persistent config for the next boot.
         install_xml = domxml.install_xml(spec)
         try:
             try:
@@ -349,7 +449,7 @@ def _install(plan: Plan) -> None:
                 paused = False
         except AlreadyExists:
             info = operations.get_info(plan.hv, plan.uuid)
-            if not info.exists:
+            if not info.active:
                 raise StepFailed(f"a different guest named {plan.guest.name} exists") from None
         else:
             faults.checkpoint("installing:created")
@@ -434,6 +534,9 @@ def advance(request_id: int) -> None:
             if exc.actual in (Status.CANCELLED, Status.FAILED):
                 cleanup(request_id)
                 return
+        except Later as later:
+            enqueue_advance(request, countdown=later.seconds)
+            return
         except (StepFailed, InvalidConfig, domxml.SpecError) as exc:
             fail(request_id, str(exc))
             return
@@ -498,7 +601,14 @@ def cleanup(request_id: int) -> None:
     if request.status not in (Status.FAILED, Status.CANCELLED):
         return
     guest = request.guest
-    if guest is not None and request.host is not None:
+    if guest is not None and request.host is not None and request.kind == request.Kind.REBUILD:
+        # A rebuild never removes the guest: stop a running installer, keep the definition.
+        hv = get_hypervisor(request.host.uri)
+        info = operations.get_info(hv, str(guest.uuid))
+        if info.active and request.status != Status.RUNNING:
+            info = operations.destroy(hv, str(guest.uuid))
+        guest_sync_state(host=request.host, info=info)
+    elif guest is not None and request.host is not None:
         hv = get_hypervisor(request.host.uri)
         uuid = str(guest.uuid)
         operations.destroy(hv, uuid)

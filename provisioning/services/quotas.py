@@ -61,9 +61,8 @@ DEFAULT = Limits(guests=10, vcpus=16, memory_mib=32768, disk_mib=204800, source=
 
 
 def _usage(owners: Q) -> Usage:
-    held = Guest.objects.filter(owners).filter(
-        ~Q(state=Guest.State.UNDEFINED) | Q(request__status__in=IN_FLIGHT)
-    )
+    building = ProvisioningRequest.objects.filter(status__in=IN_FLIGHT).values("guest_id")
+    held = Guest.objects.filter(owners).filter(~Q(state=Guest.State.UNDEFINED) | Q(pk__in=building))
     totals = held.aggregate(
         guests=Count("id"),
         vcpus=Sum("vcpus"),

@@ -4,23 +4,54 @@ from __future__ import annotations
 
 import uuid as uuidlib
 
+from django.db import transaction
 from django.db.models import F
 
 from provisioning.hypervisor import domxml, operations
 from provisioning.hypervisor.connection import get_hypervisor
 from provisioning.hypervisor.errors import HypervisorError
-from provisioning.models import Guest, GuestTemplate, Host, ProvisioningRequest, StoragePool
+from provisioning.models import (
+    Guest,
+    GuestTemplate,
+    Host,
+    ProvisioningRequest,
+    StoragePool,
+    TemplateVersion,
+)
 from provisioning.services.hosts import host_ensure_local
 from provisioning.services.provision import Plan
 
 PREVIEW_UUID = "00000000-0000-4000-8000-000000000001"
 
 
+# The fields that decide how a guest is built; a version's snapshot keeps them.
+SNAPSHOT_FIELDS = (
+    "method",
+    "lifecycle",
+    "media_id",
+    "network_id",
+    "pool_id",
+    "base_volume",
+    "host_id",
+    "kernel_cmdline",
+    "final_boot",
+    "bootloader_path",
+    "install_timeout_minutes",
+    "name",
+)
+
+
 def template_saved(*, template: GuestTemplate, changed: bool) -> GuestTemplate:
     """A saved change makes a new version; guests and requests keep the one they were built from."""
-    if changed:
-        GuestTemplate.objects.filter(pk=template.pk).update(version=F("version") + 1)
-        template.refresh_from_db(fields=["version"])
+    with transaction.atomic():
+        if changed:
+            GuestTemplate.objects.filter(pk=template.pk).update(version=F("version") + 1)
+            template.refresh_from_db(fields=["version"])
+        TemplateVersion.objects.update_or_create(
+            template=template,
+            version=template.version,
+            defaults={"fields": {f: getattr(template, f) for f in SNAPSHOT_FIELDS}},
+        )
     return template
 
 

@@ -1,0 +1,113 @@
+"""Rebuild schedules: django-celery-beat periodic tasks that reprovision a guest."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from django.contrib.auth.models import User
+from django.db import transaction
+from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
+
+from provisioning.models import Guest, RebuildSchedule, ScheduleRun
+from provisioning.services import provision, transitions
+
+log = logging.getLogger(__name__)
+TASK = "provisioning.scheduled_rebuild"
+
+
+class ScheduleError(ValueError):
+    """A schedule that cannot be made, with a message for the form."""
+
+
+def _crontab(expression: str) -> CrontabSchedule:
+    parts = expression.split()
+    if len(parts) != 5:
+        raise ScheduleError("A cron expression has five fields: minute hour day month weekday.")
+    minute, hour, day, month, weekday = parts
+    schedule, _ = CrontabSchedule.objects.get_or_create(
+        minute=minute, hour=hour, day_of_month=day, month_of_year=month, day_of_week=weekday
+    )
+    try:
+        schedule.schedule  # noqa: B018 - parsing it raises on a bad field
+    except ValueError as exc:
+        raise ScheduleError(f"Bad cron expression: {exc}") from exc
+    return schedule
+
+
+def schedule_create(
+    *,
+    guest: Guest,
+    by: User | None,
+    every_minutes: int | None = None,
+    cron: str = "",
+    latest: bool = True,
+    enabled: bool = True,
+) -> RebuildSchedule:
+    """A new rebuild schedule for the guest: every N minutes, or by a cron expression."""
+    if guest.template is None:
+        raise ScheduleError(f"{guest.name} was not made from a template, so it cannot be rebuilt.")
+    if bool(every_minutes) == bool(cron.strip()):
+        raise ScheduleError("Give either an interval in minutes or a cron expression.")
+    with transaction.atomic():
+        task = PeriodicTask(task=TASK, enabled=enabled)
+        if every_minutes:
+            if not 1 <= every_minutes <= 527040:
+                raise ScheduleError("The interval must be between 1 minute and a year.")
+            task.interval, _ = IntervalSchedule.objects.get_or_create(
+                every=every_minutes, period=IntervalSchedule.MINUTES
+            )
+            what = f"every {every_minutes} min"
+        else:
+            task.crontab = _crontab(cron.strip())
+            what = f"cron {cron.strip()}"
+        count = RebuildSchedule.objects.filter(guest=guest).count() + 1
+        task.name = f"Rebuild {guest.name} ({guest.uuid}) #{count}: {what}"
+        task.save()
+        schedule = RebuildSchedule.objects.create(
+            guest=guest,
+            periodic_task=task,
+            source=RebuildSchedule.Source.LATEST if latest else RebuildSchedule.Source.PINNED,
+            created_by=by,
+        )
+        task.kwargs = json.dumps({"schedule_id": schedule.pk})
+        task.save(update_fields=["kwargs"])
+    return schedule
+
+
+def schedule_set_enabled(*, schedule: RebuildSchedule, enabled: bool) -> None:
+    """Turn a schedule on or off."""
+    task = schedule.periodic_task
+    task.enabled = enabled
+    task.save(update_fields=["enabled"])
+
+
+def schedule_delete(*, schedule: RebuildSchedule) -> None:
+    """Remove a schedule and its periodic task."""
+    schedule.periodic_task.delete()
+
+
+def schedule_fire(schedule_id: int) -> ScheduleRun | None:
+    """One firing: start the rebuild, or record why it was skipped."""
+    schedule = (
+        RebuildSchedule.objects.select_related("guest__template", "guest__host", "periodic_task")
+        .filter(pk=schedule_id)
+        .first()
+    )
+    if schedule is None:
+        return None
+    if not schedule.periodic_task.enabled:
+        return None  # disabled between beat's send and this run
+    latest = schedule.source == RebuildSchedule.Source.LATEST
+    try:
+        request = provision.reprovision_submit(guest=schedule.guest, by=None, latest=latest)
+    except transitions.GuestBusy as exc:
+        return ScheduleRun.objects.create(
+            schedule=schedule, outcome=ScheduleRun.Outcome.SKIPPED, message=str(exc)
+        )
+    except provision.SubmitError as exc:
+        return ScheduleRun.objects.create(
+            schedule=schedule, outcome=ScheduleRun.Outcome.FAILED, message=str(exc)
+        )
+    job = request.jobs.order_by("-created").first()
+    return ScheduleRun.objects.create(schedule=schedule, outcome=ScheduleRun.Outcome.FIRED, job=job)
