@@ -30,7 +30,7 @@ from .models import (
     RebuildSchedule,
     ScheduleRun,
 )
-from .services import actions, consoles, provision, quotas, schedules, transitions
+from .services import actions, consoles, placement, provision, quotas, schedules, transitions
 
 PAGE_SIZE = 50
 STOP_POLLING = 286  # htmx stops polling on this status
@@ -105,7 +105,14 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     if request.user.is_staff and host:
         guests = guests.filter(host__name=host)
     page = Paginator(guests.order_by("name", "id"), PAGE_SIZE).get_page(request.GET.get("page"))
-    context: dict[str, Any] = {"page": page, "query": query, "owner": owner, "host": host}
+    down = {h.pk for h in Host.objects.only("pk", "last_seen") if placement.host_is_down(h)}
+    context: dict[str, Any] = {
+        "page": page,
+        "query": query,
+        "owner": owner,
+        "host": host,
+        "down_hosts": down,
+    }
     if not getattr(request, "htmx", False):
         context["requests"] = (
             _requests_of(request).select_related("template").order_by("-created")[:8]
@@ -255,6 +262,7 @@ def _guest_context(guest: Guest) -> dict[str, Any]:
         "actions": [] if active else actions.allowed_actions(guest),
         "action_labels": dict(Job.Kind.choices),
         "newer_template": newer,
+        "host_down": placement.host_is_down(guest.host),
     }
 
 

@@ -55,7 +55,13 @@ def reconcile_host(host: Host) -> dict[str, int]:
         str(u) for u in Guest.objects.filter(uuid__in=list(domains)).values_list("uuid", flat=True)
     }
     unmanaged = [
-        {"uuid": d.uuid, "name": d.name, "state": d.state.value}
+        {
+            "uuid": d.uuid,
+            "name": d.name,
+            "state": d.state.value,
+            "vcpus": d.vcpus if d.active else 0,
+            "memory_mib": d.memory_kib // 1024 if d.active else 0,
+        }
         for d in domains.values()
         if d.uuid not in known
     ]

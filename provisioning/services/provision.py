@@ -42,7 +42,7 @@ from provisioning.models import (
     StoragePool,
     TemplateVersion,
 )
-from provisioning.services import quotas, transitions
+from provisioning.services import placement, quotas, transitions
 from provisioning.services.consoles import console_log_path
 from provisioning.services.guests import guest_sync_state
 from provisioning.services.hosts import host_domain_type, host_ensure_local
@@ -120,13 +120,19 @@ def _check_overrides(template: GuestTemplate, o: Overrides) -> dict[str, Any]:
     return values
 
 
-def request_place(*, template: GuestTemplate) -> Host:
-    """The host a new guest goes to: the template's pinned host, else the local one."""
-    if template.host is not None:
-        if not template.host.enabled:
-            raise SubmitError({"template": f"Its host {template.host} is disabled."})
-        return template.host
-    return host_ensure_local()
+def request_place(*, template: GuestTemplate, values: dict[str, Any]) -> Host:
+    """The host a new guest goes to (call inside the transaction that records the guest)."""
+    if not Host.objects.exists():
+        host_ensure_local()  # a fresh install: the local libvirt is the first host
+    try:
+        return placement.place(
+            template=template,
+            vcpus=values["vcpus"],
+            memory_mib=values["memory_mib"],
+            disk_mib=values["disk_mib"],
+        )
+    except placement.NoRoom as exc:
+        raise SubmitError({"template": f"Cannot place the guest: {exc}."}) from exc
 
 
 def request_submit(
@@ -136,18 +142,18 @@ def request_submit(
     if not template.enabled:
         raise SubmitError({"template": "This template is not offered any more."})
     values = _check_overrides(template, overrides)
-    host = request_place(template=template)
-    if (
-        Guest.objects.filter(host=host, name=overrides.name)
-        .exclude(state=Guest.State.UNDEFINED)
-        .exists()
-        or ProvisioningRequest.objects.filter(
-            host=host, name=overrides.name, status__in=_ACTIVE_STATUSES
-        ).exists()
-    ):
-        raise SubmitError({"name": f"A guest named {overrides.name} exists already."})
     try:
         with transaction.atomic():
+            host = request_place(template=template, values=values)
+            if (
+                Guest.objects.filter(host=host, name=overrides.name)
+                .exclude(state=Guest.State.UNDEFINED)
+                .exists()
+                or ProvisioningRequest.objects.filter(
+                    host=host, name=overrides.name, status__in=_ACTIVE_STATUSES
+                ).exists()
+            ):
+                raise SubmitError({"name": f"A guest named {overrides.name} exists already."})
             guest = Guest.objects.create(
                 owner=owner,
                 host=host,
@@ -447,10 +453,13 @@ def _install(plan: Plan) -> None:
             except Unsupported:
                 operations.create_transient(plan.hv, install_xml)
                 paused = False
-        except AlreadyExists:
+        except (AlreadyExists, WrongState):
+            # A duplicate run of this step got there first (libvirt says "already active" when
+            # the guest with this UUID runs): make sure of the final config, as that run does.
             info = operations.get_info(plan.hv, plan.uuid)
             if not info.active:
                 raise StepFailed(f"a different guest named {plan.guest.name} exists") from None
+            operations.define(plan.hv, domxml.final_xml(spec))
         else:
             faults.checkpoint("installing:created")
             # virt-install's way: the persistent final config exists from the first second, so a
@@ -476,16 +485,37 @@ def _define(plan: Plan) -> None:
     _move(plan, Status.DEFINING, Status.STARTING, "Final configuration defined")
 
 
+def _boot(plan: Plan, boot: Callable[[bool], DomainInfo]) -> DomainInfo:
+    """Boot the guest, paused if the request asks; pause it at once where a driver cannot."""
+    if not plan.request.start_paused:
+        return boot(False)
+    try:
+        return boot(True)
+    except Unsupported:
+        # The test driver has no START_PAUSED: the guest runs for a moment, then pauses.
+        boot(False)
+        return operations.suspend(plan.hv, plan.uuid)
+
+
 def _start(plan: Plan) -> None:
     r = plan.request
     info = operations.get_info(plan.hv, plan.uuid)
-    if plan.transient and not info.exists:
-        xml = domxml.final_xml(plan.spec())
-        info = operations.create_transient(
-            plan.hv, xml, paused=r.start_paused, autodestroy=r.autodestroy
-        )
-    elif not info.active:
-        info = operations.start(plan.hv, plan.uuid, paused=r.start_paused)
+    try:
+        if plan.transient and not info.exists:
+            xml = domxml.final_xml(plan.spec())
+            info = _boot(
+                plan,
+                lambda paused: operations.create_transient(
+                    plan.hv, xml, paused=paused, autodestroy=r.autodestroy
+                ),
+            )
+        elif not info.active:
+            info = _boot(plan, lambda paused: operations.start(plan.hv, plan.uuid, paused=paused))
+    except (AlreadyExists, WrongState):
+        # A duplicate run of this step started it first.
+        info = operations.get_info(plan.hv, plan.uuid)
+        if not info.active:
+            raise
     if r.autostart and not plan.transient and not info.autostart:
         info = operations.set_autostart(plan.hv, plan.uuid, True)
     faults.checkpoint("starting:done")

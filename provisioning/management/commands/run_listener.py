@@ -8,8 +8,9 @@ import socket
 import threading
 from typing import Any
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.db import close_old_connections
+from django.utils import timezone
 
 from provisioning.hypervisor.errors import HypervisorError
 from provisioning.hypervisor.events import EventListener, LifecycleEvent
@@ -25,9 +26,26 @@ HEARTBEAT_EVERY = 2.0
 class Command(BaseCommand):
     help = "Listen to libvirt lifecycle events on every enabled host and apply them."
 
-    def handle(self, *args: Any, **options: Any) -> None:
-        host_ensure_local()
-        hosts = list(Host.objects.filter(enabled=True))
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument(
+            "--host",
+            action="append",
+            dest="hosts",
+            help="Listen to this host only (repeatable); default: every enabled host.",
+        )
+
+    def handle(self, *args: Any, hosts: list[str] | None = None, **options: Any) -> None:
+        if not hosts:
+            host_ensure_local()
+        chosen = Host.objects.filter(enabled=True)
+        if hosts:
+            chosen = chosen.filter(name__in=hosts)
+        listened = list(chosen)
+        if not listened:
+            raise CommandError("no enabled host to listen to")
+        self._run(listened)
+
+    def _run(self, hosts: list[Host]) -> None:
         stop = threading.Event()
         connected: dict[str, bool] = {h.name: False for h in hosts}
         listeners = [self._listener(host, connected) for host in hosts]
@@ -55,6 +73,9 @@ class Command(BaseCommand):
                         )
                     except Exception as exc:  # noqa: BLE001 - keep listening while Redis is away
                         log.warning("listener heartbeat failed: %s", exc)
+                    if connected[host.name]:
+                        # The host's health for placement and pages: seen now, through libvirt.
+                        Host.objects.filter(pk=host.pk).update(last_seen=timezone.now())
             stop.wait(consoles.POLL_EVERY)
         for listener in listeners:
             listener.stop()

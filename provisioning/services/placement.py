@@ -1,0 +1,83 @@
+"""Placement: which host a new guest goes to, and whether a host is up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.db.models import Q, Sum
+from django.utils import timezone
+
+from provisioning.models import Guest, GuestTemplate, Host, ProvisioningRequest
+from provisioning.services.quotas import IN_FLIGHT
+
+# A host whose listener has not been heard from for this long is down.
+HOST_DOWN_AFTER = timedelta(seconds=30)
+
+
+class NoRoom(Exception):
+    """No enabled, healthy host can take the guest."""
+
+
+def host_is_down(host: Host) -> bool:
+    """True when the host's listener was seen once and has been silent since (never: unknown)."""
+    return host.last_seen is not None and host.last_seen < timezone.now() - HOST_DOWN_AFTER
+
+
+@dataclass(frozen=True)
+class Free:
+    """What is left on a host."""
+
+    vcpus: int
+    memory_mib: int
+    disk_mib: int
+
+    def fits(self, vcpus: int, memory_mib: int, disk_mib: int) -> bool:
+        return self.vcpus >= vcpus and self.memory_mib >= memory_mib and self.disk_mib >= disk_mib
+
+
+def host_free(host: Host) -> Free:
+    """Capacity less what the portal placed there and what reconcile found beside it."""
+    building = ProvisioningRequest.objects.filter(status__in=IN_FLIGHT).values("guest_id")
+    used = (
+        Guest.objects.filter(host=host)
+        .filter(~Q(state=Guest.State.UNDEFINED) | Q(pk__in=building))
+        .aggregate(vcpus=Sum("vcpus"), memory=Sum("memory_mib"), disk=Sum("disk_mib"))
+    )
+    outside = host.unmanaged_domains or []
+    outside_memory = sum(int(d.get("memory_mib", 0)) for d in outside)
+    outside_vcpus = sum(int(d.get("vcpus", 0)) for d in outside)
+    return Free(
+        vcpus=host.capacity_vcpus - int(used["vcpus"] or 0) - outside_vcpus,
+        memory_mib=host.capacity_memory_mib - int(used["memory"] or 0) - outside_memory,
+        disk_mib=host.capacity_disk_gib * 1024 - int(used["disk"] or 0),
+    )
+
+
+def place(*, template: GuestTemplate, vcpus: int, memory_mib: int, disk_mib: int) -> Host:
+    """The enabled, healthy host with the most free memory that fits (call inside a transaction).
+
+    The candidate hosts' rows are locked, so two requests placed at once cannot both take the
+    last room on a host.
+    """
+    if template.host_id is not None:
+        candidates = Host.objects.filter(pk=template.host_id)
+    elif template.pool_id is not None:
+        candidates = Host.objects.filter(pools__pk=template.pool_id)
+    else:
+        candidates = Host.objects.filter(pools__for_guest_disks=True).distinct()
+    hosts = list(candidates.select_for_update().order_by("pk"))
+    if not hosts:
+        raise NoRoom("no host with a storage pool for guest disks is registered")
+    usable = [h for h in hosts if h.enabled and not host_is_down(h)]
+    if not usable:
+        names = ", ".join(h.name for h in hosts)
+        raise NoRoom(f"every host that could take it is disabled or down ({names})")
+    room = [(host_free(h), h) for h in usable]
+    fitting = [(free, h) for free, h in room if free.fits(vcpus, memory_mib, disk_mib)]
+    if not fitting:
+        raise NoRoom(
+            f"no host has room for {vcpus} vCPUs, {memory_mib} MiB of memory and "
+            f"{disk_mib} MiB of disk"
+        )
+    return max(fitting, key=lambda pair: (pair[0].memory_mib, -pair[1].pk))[1]
