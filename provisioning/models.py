@@ -40,6 +40,11 @@ class Host(models.Model):
     domain_type = models.CharField(max_length=8, choices=DomainType, default=DomainType.AUTO)
     detected_domain_type = models.CharField(max_length=8, blank=True)
     last_seen = models.DateTimeField(null=True, blank=True)
+    migration_address = models.CharField(
+        max_length=255,
+        blank=True,
+        help_text="Address other hosts migrate guests to (tcp://ADDRESS); empty: libvirt picks.",
+    )
     unmanaged_domains = models.JSONField(
         default=list,
         blank=True,

@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from celery import shared_task
+from django.conf import settings
 
 from provisioning.hypervisor.errors import Busy, ConnectionLost
 from provisioning.models import Host
@@ -102,3 +103,15 @@ def scheduled_rebuild(schedule_id: int) -> None:
     from provisioning.services import schedules
 
     schedules.schedule_fire(schedule_id)
+
+
+@shared_task(
+    name="provisioning.run_migration",
+    soft_time_limit=settings.MIGRATION_TIME_LIMIT - 60,
+    time_limit=settings.MIGRATION_TIME_LIMIT,
+)
+def run_migration(job_id: int) -> None:
+    """Migrate a guest to another host (runs on the source host's queue)."""
+    from provisioning.services import migrations
+
+    migrations.run_migration(job_id)

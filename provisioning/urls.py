@@ -13,6 +13,8 @@ urlpatterns = [
     path("guests/<uuid:uuid>/events", streams.guest_events, name="guest-events"),
     path("guests/<uuid:uuid>/actions/<slug:kind>", views.guest_action, name="guest-action"),
     path("guests/<uuid:uuid>/rebuild", views.guest_rebuild, name="guest-rebuild"),
+    path("guests/<uuid:uuid>/migrate", views.guest_migrate, name="guest-migrate"),
+    path("guests/<uuid:uuid>/jobs/<int:pk>/cancel", views.job_cancel, name="job-cancel"),
     path("guests/<uuid:uuid>/schedules", views.schedule_create, name="schedule-create"),
     path(
         "guests/<uuid:uuid>/schedules/<int:pk>/toggle",

@@ -30,7 +30,16 @@ from .models import (
     RebuildSchedule,
     ScheduleRun,
 )
-from .services import actions, consoles, placement, provision, quotas, schedules, transitions
+from .services import (
+    actions,
+    consoles,
+    migrations,
+    placement,
+    provision,
+    quotas,
+    schedules,
+    transitions,
+)
 
 PAGE_SIZE = 50
 STOP_POLLING = 286  # htmx stops polling on this status
@@ -263,6 +272,7 @@ def _guest_context(guest: Guest) -> dict[str, Any]:
         "action_labels": dict(Job.Kind.choices),
         "newer_template": newer,
         "host_down": placement.host_is_down(guest.host),
+        "other_hosts": list(Host.objects.exclude(pk=guest.host_id).filter(enabled=True)),
     }
 
 
@@ -380,3 +390,42 @@ def schedule_delete(request: HttpRequest, uuid: str, pk: int) -> HttpResponse:
     schedules.schedule_delete(schedule=_schedule_of(request, uuid, pk))
     messages.success(request, "Schedule removed.")
     return redirect("guest-detail", uuid=uuid)
+
+
+@login_required
+@require_POST
+def guest_migrate(request: HttpRequest, uuid: str) -> HttpResponse:
+    """Staff: move a guest to another host (live when running, offline when stopped)."""
+    if not request.user.is_staff:
+        raise Http404("No such page")
+    guest = get_object_or_404(Guest.objects.select_related("host"), uuid=uuid)
+    dest = None
+    if request.POST.get("dest"):
+        try:
+            dest = Host.objects.get(pk=int(request.POST["dest"]))
+        except (ValueError, Host.DoesNotExist):
+            messages.error(request, "Pick a destination host from the list.")
+            return redirect("guest-detail", uuid=guest.uuid)
+    try:
+        job = migrations.migration_start(guest=guest, by=_user(request), dest=dest)
+    except (migrations.MigrationRefused, transitions.GuestBusy) as exc:
+        messages.error(request, f"Cannot migrate: {exc}.")
+    else:
+        how = "live" if job.data["live"] else "offline"
+        messages.success(request, f"Migration queued ({how}).")
+    return redirect("guest-detail", uuid=guest.uuid)
+
+
+@login_required
+@require_POST
+def job_cancel(request: HttpRequest, uuid: str, pk: int) -> HttpResponse:
+    """Cancel a running migration of a guest (the guest stays on its source host)."""
+    guest = get_object_or_404(_guests_of(request), uuid=uuid)
+    job = get_object_or_404(Job, pk=pk, guest=guest)
+    if job.kind != Job.Kind.MIGRATE or not request.user.is_staff:
+        raise Http404("No such job")
+    if migrations.migration_cancel(job=job):
+        messages.success(request, "Cancelling the migration.")
+    else:
+        messages.error(request, "The migration has already ended.")
+    return redirect("guest-detail", uuid=guest.uuid)

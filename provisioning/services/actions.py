@@ -186,9 +186,14 @@ def reconcile_jobs(
 
     now = timezone.now()
     lost = now - timedelta(seconds=settings.TASK_HARD_TIME_LIMIT + 30)
-    for job in Job.objects.filter(
-        status=Job.Status.RUNNING, started__lt=lost, guest__uuid__in=list(guests)
-    ).exclude(kind__in=(K.SHUTDOWN, K.PROVISION, K.REPROVISION, K.MIGRATE)):
+    migration_limit = settings.MIGRATION_TIME_LIMIT + 30
+    for job in (
+        Job.objects.filter(
+            status=Job.Status.RUNNING, started__lt=lost, guest__uuid__in=list(guests)
+        )
+        .exclude(kind__in=(K.SHUTDOWN, K.PROVISION, K.REPROVISION))
+        .exclude(kind=K.MIGRATE, started__gte=now - timedelta(seconds=migration_limit))
+    ):
         transitions.job_move(
             job.pk, expected=Job.Status.RUNNING, to=Job.Status.FAILED, error="the worker was lost"
         )
@@ -198,7 +203,9 @@ def reconcile_jobs(
             created__lt=now - timedelta(seconds=stale_after),
             guest__uuid__in=list(guests),
         )
-        .exclude(kind=K.PROVISION)
+        # Requests' jobs are moved on by their request's steps (re-queued by reconcile_requests);
+        # run_job has no action for them.
+        .exclude(kind__in=(K.PROVISION, K.REPROVISION, K.MIGRATE))
         .select_related("guest__host")
     ):
         assert job.guest is not None

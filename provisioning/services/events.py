@@ -9,7 +9,7 @@ from django.conf import settings
 from provisioning.hypervisor import operations
 from provisioning.hypervisor.connection import get_hypervisor
 from provisioning.hypervisor.types import DomainInfo
-from provisioning.models import Guest, Host, ProvisioningRequest
+from provisioning.models import Guest, Host, Job, ProvisioningRequest
 from provisioning.services import actions, provision
 from provisioning.services.guests import guest_sync_state
 
@@ -45,6 +45,17 @@ def reconcile_host(host: Host) -> dict[str, int]:
     """One pass over a host: every domain in one call, then rows, requests and jobs made true."""
     hv = get_hypervisor(host.uri)
     domains = {d.uuid: d for d in operations.list_domains(hv)}
+    migrating = Job.objects.filter(kind=Job.Kind.MIGRATE, status__in=Job.ACTIVE)
+    # A persistent guest found here that the portal places elsewhere moved here (a migration
+    # whose worker died after libvirt finished): the row follows the guest.
+    arrived = (
+        Guest.objects.filter(uuid__in=[u for u, d in domains.items() if d.persistent])
+        .exclude(host=host)
+        .exclude(pk__in=migrating.values("guest_id"))
+    )
+    for guest in arrived:
+        log.warning("guest %s was found on %s; moving its row there", guest, host)
+        Guest.objects.filter(pk=guest.pk, host_id=guest.host_id).update(host=host)
     guests = {str(g.uuid): g for g in Guest.objects.filter(host=host)}
     busy = set(
         ProvisioningRequest.objects.filter(

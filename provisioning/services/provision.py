@@ -199,6 +199,14 @@ def reprovision_submit(
     version = (
         template.version if latest or guest.template_version is None else guest.template_version
     )
+    if (
+        version != template.version
+        and not TemplateVersion.objects.filter(template=template, version=version).exists()
+    ):
+        # Building today's template while recording the old version would mislead everyone.
+        raise SubmitError(
+            {"template": f"v{version} of {template.name} was not kept; rebuild from the latest."}
+        )
     with transaction.atomic():
         job = transitions.job_open(kind=Job.Kind.REPROVISION, guest=guest, created_by=by)
         request = ProvisioningRequest.objects.create(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid as uuidlib
 
+from celery.schedules import ParseException
 from django.contrib.auth.models import User
 from django.db import transaction
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
@@ -30,7 +32,7 @@ def _crontab(expression: str) -> CrontabSchedule:
     )
     try:
         schedule.schedule  # noqa: B018 - parsing it raises on a bad field
-    except ValueError as exc:
+    except (ValueError, ParseException) as exc:  # celery raises both for bad fields
         raise ScheduleError(f"Bad cron expression: {exc}") from exc
     return schedule
 
@@ -61,8 +63,9 @@ def schedule_create(
         else:
             task.crontab = _crontab(cron.strip())
             what = f"cron {cron.strip()}"
-        count = RebuildSchedule.objects.filter(guest=guest).count() + 1
-        task.name = f"Rebuild {guest.name} ({guest.uuid}) #{count}: {what}"
+        # Task names are unique: a placeholder until the schedule's own id can name it (a count
+        # of the guest's schedules repeats once one of them is removed).
+        task.name = f"Rebuild {guest.uuid} {uuidlib.uuid4()}"
         task.save()
         schedule = RebuildSchedule.objects.create(
             guest=guest,
@@ -70,8 +73,9 @@ def schedule_create(
             source=RebuildSchedule.Source.LATEST if latest else RebuildSchedule.Source.PINNED,
             created_by=by,
         )
+        task.name = f"Rebuild {guest.name} ({guest.uuid}) #{schedule.pk}: {what}"
         task.kwargs = json.dumps({"schedule_id": schedule.pk})
-        task.save(update_fields=["kwargs"])
+        task.save(update_fields=["name", "kwargs"])
     return schedule
 
 
