@@ -9,7 +9,7 @@ from typing import Any
 from django.contrib.auth.models import User
 from django.db import transaction
 
-from provisioning.hypervisor import migration, operations
+from provisioning.hypervisor import operations
 from provisioning.hypervisor.connection import get_hypervisor
 from provisioning.hypervisor.errors import HypervisorError
 from provisioning.hypervisor.types import DomainInfo
@@ -116,6 +116,8 @@ def _cancel_requested(job_id: int) -> bool:
 
 def run_migration(job_id: int) -> None:
     """Migrate with live progress, aborting on cancel; on success the guest moves host."""
+    from provisioning.hypervisor import migration
+
     job = Job.objects.select_related("guest__host").get(pk=job_id)
     if job.data.get("cancel") and job.status == Job.Status.QUEUED:
         transitions.job_move(job_id, expected=Job.Status.QUEUED, to=Job.Status.CANCELLED)
