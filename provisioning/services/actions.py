@@ -164,6 +164,11 @@ def run_job(job_id: int) -> None:
         )
         Job.objects.filter(pk=job_id).update(deadline=deadline)
         transitions.job_log(job_id, "Asked the guest to shut down", progress=50)
+        # The guest may have stopped (and the listener come and gone) meanwhile: look again.
+        info = operations.get_info(hv, str(guest.uuid))
+        if not info.active:
+            guest_sync_state(host=guest.host, info=info)
+            job_domain_stopped(guest, info)
         return
     transitions.job_move(job_id, expected=Job.Status.RUNNING, to=Job.Status.SUCCEEDED)
 
