@@ -122,7 +122,8 @@ def dashboard_events(request: HttpRequest) -> StreamingHttpResponse:
 
     @sync_to_async
     def render() -> list[tuple[str, str]]:
-        # Only rows whose state changed since the last look are sent.
+        # Every row on connecting (the page may be older than the stream), then only rows whose
+        # state changed since the last look.
         guests = Guest.objects.exclude(state=Guest.State.UNDEFINED)
         if owner_id is not None:
             guests = guests.filter(owner_id=owner_id)
@@ -134,14 +135,12 @@ def dashboard_events(request: HttpRequest) -> StreamingHttpResponse:
             key = f"{state}/{reason}"
             if last.get(uuid) == key:
                 continue
-            first = uuid not in last
             last[uuid] = key
-            if not first:
-                html = render_to_string(
-                    "provisioning/htmx/state_badge.html",
-                    {"uuid": uuid, "state": state, "reason": reason, "display": display},
-                )
-                changed.append((f"guest-{uuid}", html))
+            html = render_to_string(
+                "provisioning/htmx/state_badge.html",
+                {"uuid": uuid, "state": state, "reason": reason, "display": display},
+            )
+            changed.append((f"guest-{uuid}", html))
         return changed
 
     return _sse(_stream([channel], render))

@@ -35,8 +35,8 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, hosts: list[str] | None = None, **options: Any) -> None:
-        if not hosts:
-            host_ensure_local()
+        if not hosts or not Host.objects.exists():
+            host_ensure_local()  # a fresh install: the local libvirt is the first host
         chosen = Host.objects.filter(enabled=True)
         if hosts:
             chosen = chosen.filter(name__in=hosts)
