@@ -25,6 +25,16 @@ from .errors import (
     translating,
 )
 from .events import EventListener, LifecycleEvent
+from .migration import (
+    MigrationAborted,
+    MigrationProgress,
+    SameHost,
+    UnsafeMigration,
+    abort_migration,
+    host_uuid,
+    migrate,
+    migration_progress,
+)
 from .operations import (
     create_transient,
     define,
@@ -125,4 +135,14 @@ __all__ = [
     "upload_file",
     "wait_for",
     "wait_for_stop",
+]
+__all__ += [
+    "MigrationAborted",
+    "MigrationProgress",
+    "SameHost",
+    "UnsafeMigration",
+    "abort_migration",
+    "host_uuid",
+    "migrate",
+    "migration_progress",
 ]

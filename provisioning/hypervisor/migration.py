@@ -17,9 +17,8 @@ from typing import Any
 import libvirt
 from lxml import etree
 
-from .connection import Hypervisor
+from .connection import Hypervisor, close_quietly, enable_keepalive, open_connection
 from .errors import (
-    ConnectionLost,
     HypervisorError,
     InvalidConfig,
     NotFound,
@@ -27,7 +26,7 @@ from .errors import (
     WrongState,
     classify,
 )
-from .operations import get_info, read_info
+from .operations import get_info, get_xml
 from .types import DomainInfo, GuestState, constant_names
 
 __all__ = [
@@ -200,6 +199,56 @@ def host_uuid(hv: Hypervisor) -> str:
     return text.strip().lower()
 
 
+def _volume_pools(xml: str) -> set[str]:
+    """Names of the storage pools the domain's volume disks live in."""
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+    root = etree.fromstring(xml.encode(), parser)
+    return {
+        pool
+        for source in root.iterfind("devices/disk[@type='volume']/source")
+        if (pool := source.get("pool"))
+    }
+
+
+def _refresh_pools(dconn: libvirt.virConnect, pools: set[str]) -> None:
+    """Make dst's pools list volumes another host created in the shared folder since."""
+    for name in sorted(pools):
+        try:
+            pool = dconn.storagePoolLookupByName(name)
+            if pool.isActive():
+                pool.refresh(0)
+        except libvirt.libvirtError as exc:
+            # A missing or stopped pool on dst: the migration's own error will name it.
+            if not isinstance(classify(exc), NotFound | WrongState):
+                raise
+
+
+def _run_migration(
+    src: Hypervisor, dst: Hypervisor, uuid: str, params: dict[str, Any], flags: int
+) -> None:
+    """migrate3 over connections of its own: the shared ones stay free for progress and abort.
+
+    A call on a connection that is busy in migrate3's Perform phase waits until the migration
+    ends (seen here with libvirt 9.0), so progress polled over src's shared connection would
+    show nothing and an abort could not get through.
+    """
+    conn = open_connection(src.uri)
+    try:
+        enable_keepalive(conn)
+        dconn = open_connection(dst.uri)
+        try:
+            enable_keepalive(dconn)
+            dom = conn.lookupByUUIDString(uuid)
+            # Blocks for the whole migration.
+            dom.migrate3(dconn, params, flags)
+        finally:
+            close_quietly(dconn)
+    except libvirt.libvirtError as exc:
+        raise _explain(exc, uuid, dst) from exc
+    finally:
+        close_quietly(conn)
+
+
 def _flags(*, live: bool, copy_storage: bool, unsafe: bool) -> int:
     flags = libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
     flags |= libvirt.VIR_MIGRATE_LIVE if live else libvirt.VIR_MIGRATE_OFFLINE
@@ -222,7 +271,7 @@ def _params(migration_uri: str | None, bandwidth_mib: int | None) -> dict[str, A
 
 
 def _explain(exc: libvirt.libvirtError, uuid: str, dst: Hypervisor) -> HypervisorError:
-    """Classify a failed migration; the messages tested here have no codes of their own."""
+    """Classify a failed migration (libvirt's same-host refusal has only its message to go by)."""
     err = classify(exc)
     message = err.message
     if err.code == libvirt.VIR_ERR_OPERATION_ABORTED:
@@ -232,6 +281,13 @@ def _explain(exc: libvirt.libvirtError, uuid: str, dst: Hypervisor) -> Hyperviso
     if "same host" in message:
         return SameHost(
             f"cannot migrate guest {uuid} to {dst.uri}: it is the same host: {message}",
+            code=err.code,
+            domain=err.domain,
+        )
+    if isinstance(err, NotFound) and err.code != libvirt.VIR_ERR_NO_DOMAIN:
+        # A missing pool or volume on dst: the guest itself is fine, the destination is not.
+        return InvalidConfig(
+            f"cannot migrate guest {uuid} to {dst.uri}: {message}",
             code=err.code,
             domain=err.domain,
         )
@@ -268,7 +324,8 @@ def migrate(
     transfer in MiB/s.
 
     Raises WrongState for a guest in the wrong state for the mode, SameHost, UnsafeMigration,
-    MigrationAborted, or the classified libvirt error; the guest then stays on src.
+    MigrationAborted, or the classified libvirt error; the guest then stays on src. After
+    ConnectionLost nobody knows how far it got: read the guest on both hosts.
     """
     if copy_storage and not live:
         raise Unsupported("an offline migration moves no data: copy_storage needs live=True")
@@ -277,13 +334,9 @@ def migrate(
     if src.uri == dst.uri or host_uuid(src) == host_uuid(dst):
         raise SameHost(f"cannot migrate guest {uuid}: {src.uri} and {dst.uri} are the same host")
 
-    conn = src.connection()
-    dconn = dst.connection()
-    try:
-        dom = conn.lookupByUUIDString(uuid)
-        info = read_info(dom)
-    except libvirt.libvirtError as exc:
-        raise classify(exc) from exc
+    info = get_info(src, uuid)
+    if not info.exists:
+        raise NotFound(f"guest {uuid} is not on {src.uri}", code=libvirt.VIR_ERR_NO_DOMAIN)
     if live and not info.active:
         raise WrongState(
             f"cannot live-migrate guest {uuid} while it is {info.state}: start it first",
@@ -302,15 +355,9 @@ def migrate(
             f"cannot migrate guest {uuid} offline with a saved state: start or discard it first",
             state=info.state,
         )
-    try:
-        # Blocks for the whole migration; progress and abort come from other threads.
-        dom.migrate3(dconn, params, flags)
-    except libvirt.libvirtError as exc:
-        err = _explain(exc, uuid, dst)
-        if isinstance(err, ConnectionLost):
-            src.mark_broken()
-            dst.mark_broken()
-        raise err from exc
+    pools = _volume_pools(get_xml(src, uuid))
+    dst.call(lambda dconn: _refresh_pools(dconn, pools))
+    _run_migration(src, dst, uuid, params, flags)
     moved = get_info(dst, uuid)
     if not moved.exists:
         raise NotFound(f"guest {uuid} is not on {dst.uri} after its migration")
