@@ -210,11 +210,12 @@ def reconcile_jobs(
         )
         # Requests' jobs are moved on by their request's steps (re-queued by reconcile_requests);
         # run_job has no action for them.
-        .exclude(kind__in=(K.PROVISION, K.REPROVISION, K.MIGRATE))
+        .exclude(kind__in=(K.PROVISION, K.REPROVISION))
         .select_related("guest__host")
     ):
         assert job.guest is not None
-        send_task(tasks.run_job, (job.pk,), queue=job.guest.host.queue)
+        task = tasks.run_migration if job.kind == K.MIGRATE else tasks.run_job
+        send_task(task, (job.pk,), queue=job.guest.host.queue)
     for job in Job.objects.filter(
         kind=K.SHUTDOWN, status=Job.Status.RUNNING, guest__uuid__in=list(guests)
     ).select_related("guest"):

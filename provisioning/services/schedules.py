@@ -102,6 +102,14 @@ def schedule_fire(schedule_id: int) -> ScheduleRun | None:
         return None
     if not schedule.periodic_task.enabled:
         return None  # disabled between beat's send and this run
+    if schedule.guest.state == Guest.State.UNDEFINED:
+        # The guest was deleted: stop firing rather than record failures forever.
+        schedule_set_enabled(schedule=schedule, enabled=False)
+        return ScheduleRun.objects.create(
+            schedule=schedule,
+            outcome=ScheduleRun.Outcome.FAILED,
+            message=f"{schedule.guest.name} was deleted; the schedule is now disabled",
+        )
     latest = schedule.source == RebuildSchedule.Source.LATEST
     try:
         request = provision.reprovision_submit(guest=schedule.guest, by=None, latest=latest)
