@@ -1,4 +1,4 @@
-"""Fixtures for the provisioning engine: a host on libvirt's test driver with a pool and templates."""
+"""Engine fixtures: a host on libvirt's test driver with a pool and templates."""
 
 from __future__ import annotations
 

@@ -21,7 +21,9 @@ def test_a_kernel_install_waits_for_the_installer_then_runs(
 ) -> None:
     stack.start("worker", "listener")
     owner = make_user("ann")
-    request = request_submit(owner=owner, template=kernel_template, overrides=Overrides(name="web1"))
+    request = request_submit(
+        owner=owner, template=kernel_template, overrides=Overrides(name="web1")
+    )
     wait_until(lambda: status_of(request) == Status.WAITING, timeout=30, what="waiting")
     hv = get_hypervisor(test_host.uri)
     uuid = str(request.guest.uuid)
@@ -33,5 +35,11 @@ def test_a_kernel_install_waits_for_the_installer_then_runs(
     assert request.guest.state == "running"
     assert "<kernel>" not in operations.get_xml(hv, uuid)
     assert [e.to_status for e in request.events.all()] == [
-        "admitted", "preparing", "installing", "waiting", "defining", "starting", "running",
+        "admitted",
+        "preparing",
+        "installing",
+        "waiting",
+        "defining",
+        "starting",
+        "running",
     ]
