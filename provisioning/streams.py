@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, StreamingHttpResponse
+from django.middleware.csrf import get_token
 from django.shortcuts import get_object_or_404
 from django.template.loader import render_to_string
 
-from .models import Guest, ProvisioningRequest
+from .models import Guest, Host, ProvisioningRequest
+from .services import placement
 
 log = logging.getLogger(__name__)
 KEEPALIVE_SECONDS = 15.0
+T = TypeVar("T")
+# render(None) on connecting, then render(data of the last message) after messages arrive.
+Render = Callable[[bytes | None], Awaitable[list[tuple[str, str]]]]
 
 
 def _frame(event: str, html: str) -> bytes:
@@ -26,14 +32,14 @@ def _frame(event: str, html: str) -> bytes:
 
 
 async def _stream(
-    channels: list[str], render: Callable[[], Any], *, final: Callable[[], Any] | None = None
+    channels: list[str], render: Render, *, final: Callable[[], Any] | None = None
 ) -> AsyncIterator[bytes]:
     """Send the rendered partial now and after every message on `channels`, until final."""
     client = aioredis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2)
     pubsub = client.pubsub()
     try:
         await pubsub.subscribe(*channels)
-        for event, html in await render():
+        for event, html in await render(None):
             yield _frame(event, html)
         if final is not None and await final():
             yield _frame("close", "")
@@ -46,9 +52,9 @@ async def _stream(
                 yield b": keepalive\n\n"
                 continue
             # Several messages may arrive together; one render covers them all.
-            while await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.01):
-                pass
-            for event, html in await render():
+            while more := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.01):
+                message = more
+            for event, html in await render(message["data"]):
                 yield _frame(event, html)
             if final is not None and await final():
                 yield _frame("close", "")
@@ -56,6 +62,46 @@ async def _stream(
     finally:
         await pubsub.aclose()
         await client.aclose()
+
+
+# The latest render per key in this process: (the message it answers, its result).
+_renders: dict[str, tuple[bytes, asyncio.Future[Any]]] = {}
+_RENDERS_KEPT = 1000
+_CSRF_SLOT = "vmportal-csrf-token-slot"
+
+
+async def _render_once(key: str, message: bytes, make: Callable[[], Awaitable[T]]) -> T:
+    """One render per message for every stream of `key` in this process, not one per watcher.
+
+    With many watchers of one request, rendering per watcher made each message cost a page
+    render times the watchers (measured: 1,000 watchers waited 10-30 s for one message).
+    """
+    held = _renders.get(key)
+    if held is not None and held[0] == message:
+        try:
+            return await asyncio.shield(held[1])
+        except asyncio.CancelledError:
+            if not held[1].cancelled():
+                raise  # this stream itself is being closed
+        except Exception:  # noqa: BLE001 - the renderer's stream failed; render here instead
+            pass
+        return await make()
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    _renders.pop(key, None)  # re-inserted last, so it is the newest when trimming
+    _renders[key] = (message, future)
+    while len(_renders) > _RENDERS_KEPT:
+        _renders.pop(next(iter(_renders)))
+    try:
+        result = await make()
+    except BaseException as exc:
+        if isinstance(exc, asyncio.CancelledError):
+            future.cancel()
+        else:
+            future.set_exception(exc)
+            future.exception()  # retrieved here, so an unawaited failure is not logged twice
+        raise
+    future.set_result(result)
+    return result
 
 
 def _sse(stream: AsyncIterator[bytes]) -> StreamingHttpResponse:
@@ -78,19 +124,27 @@ def request_events(request: HttpRequest, pk: int) -> StreamingHttpResponse:
     job = req.jobs.order_by("-created").values_list("pk", flat=True).first()
     channels = [f"vmportal:request:{req.pk}"] + ([f"vmportal:job:{job}"] if job else [])
 
-    @sync_to_async
-    def render() -> list[tuple[str, str]]:
-        fresh = ProvisioningRequest.objects.select_related("template", "host", "guest").get(pk=pk)
-        html = render_to_string(
-            "provisioning/request_detail.html#request-status",
-            _request_context(fresh),
-            request=request,
-        )
-        return [("status", html)]
+    token = get_token(request)
+    done = req.is_final
 
     @sync_to_async
-    def final() -> bool:
-        return ProvisioningRequest.objects.get(pk=pk).is_final
+    def render_shared() -> tuple[str, bool]:
+        # Nothing of the watcher goes in, so every watcher can be sent this one render.
+        fresh = ProvisioningRequest.objects.select_related("template", "host", "guest").get(pk=pk)
+        context = {**_request_context(fresh), "csrf_token": _CSRF_SLOT}
+        html = render_to_string("provisioning/request_detail.html#request-status", context)
+        return html, fresh.is_final
+
+    async def render(message: bytes | None) -> list[tuple[str, str]]:
+        nonlocal done
+        if message is None:
+            html, done = await render_shared()  # on connecting: the state right now
+        else:
+            html, done = await _render_once(f"request:{pk}", message, render_shared)
+        return [("status", html.replace(_CSRF_SLOT, token))]
+
+    async def final() -> bool:
+        return done
 
     return _sse(_stream(channels, render, final=final))
 
@@ -103,7 +157,7 @@ def guest_events(request: HttpRequest, uuid: str) -> StreamingHttpResponse:
     guest = get_object_or_404(_guests_of(request), uuid=uuid)
 
     @sync_to_async
-    def render() -> list[tuple[str, str]]:
+    def render(_message: bytes | None) -> list[tuple[str, str]]:
         fresh = Guest.objects.select_related("host", "template", "owner").get(pk=guest.pk)
         html = render_to_string(
             "provisioning/guest_detail.html#guest-status", _guest_context(fresh), request=request
@@ -121,10 +175,11 @@ def dashboard_events(request: HttpRequest) -> StreamingHttpResponse:
     last: dict[str, str] = {}
 
     @sync_to_async
-    def render() -> list[tuple[str, str]]:
+    def render(_message: bytes | None) -> list[tuple[str, str]]:
         # Every row on connecting (the page may be older than the stream), then only rows whose
-        # state changed since the last look.
-        guests = Guest.objects.exclude(state=Guest.State.UNDEFINED)
+        # state changed since the last look. Rows of a silent host keep the page's "unreachable".
+        down = [h.pk for h in Host.objects.only("pk", "last_seen") if placement.host_is_down(h)]
+        guests = Guest.objects.exclude(state=Guest.State.UNDEFINED).exclude(host_id__in=down)
         if owner_id is not None:
             guests = guests.filter(owner_id=owner_id)
         changed: list[tuple[str, str]] = []
