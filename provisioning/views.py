@@ -114,7 +114,9 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     if request.user.is_staff and host:
         guests = guests.filter(host__name=host)
     page = Paginator(guests.order_by("name", "id"), PAGE_SIZE).get_page(request.GET.get("page"))
-    down = {h.pk for h in Host.objects.only("pk", "last_seen") if placement.host_is_down(h)}
+    # One query serves both the unreachable badges and the staff's host filter.
+    hosts = list(Host.objects.only("pk", "name", "last_seen"))
+    down = {h.pk for h in hosts if placement.host_is_down(h)}
     context: dict[str, Any] = {
         "page": page,
         "query": query,
@@ -133,7 +135,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         )
         context["quota"] = _quota_bars(_user(request))
         if request.user.is_staff:
-            context["hosts"] = list(Host.objects.values_list("name", flat=True))
+            context["hosts"] = [h.name for h in hosts]
             context["owners"] = list(
                 get_user_model()
                 .objects.filter(guests__isnull=False)

@@ -41,18 +41,19 @@ class ConsoleTailer:
         self.offsets: dict[int, int] = {}
 
     def poll(self) -> None:
-        active = ProvisioningRequest.objects.filter(
-            host_id__in=self.host_ids, status__in=TAILED
-        ).values_list("pk", "guest__uuid")
-        seen = set()
-        for request_id, guest_uuid in active:
-            seen.add(request_id)
-            job = (
-                Job.objects.filter(request_id=request_id, kind=Job.Kind.PROVISION)
-                .values_list("pk", flat=True)
-                .first()
+        # One query for every install and its (first) provisioning job: with hundreds of
+        # installs waiting, a query per install every half second kept the listener busy.
+        active = (
+            ProvisioningRequest.objects.filter(
+                host_id__in=self.host_ids, status__in=TAILED, jobs__kind=Job.Kind.PROVISION
             )
-            if job is not None:
+            .order_by("pk", "jobs__pk")
+            .values_list("pk", "guest__uuid", "jobs__pk")
+        )
+        seen: set[int] = set()
+        for request_id, guest_uuid, job in active:
+            if request_id not in seen:
+                seen.add(request_id)
                 self._follow(request_id, job, console_log_path(guest_uuid))
         for gone in set(self.offsets) - seen:
             del self.offsets[gone]

@@ -477,13 +477,18 @@ def _install(plan: Plan) -> None:
                 operations.resume(plan.hv, plan.uuid)
     else:
         operations.define(plan.hv, domxml.final_xml(spec))
+        if info.state == GuestState.PAUSED:
+            # An earlier run died between creating the installer paused and resuming it.
+            with contextlib.suppress(WrongState):  # a duplicate run resumed it first
+                operations.resume(plan.hv, plan.uuid)
     faults.checkpoint("installing:defined")
     deadline = timezone.now() + timedelta(minutes=plan.template.install_timeout_minutes)
     _move(plan, Status.INSTALLING, Status.WAITING, "Installer running", deadline=deadline)
-    # The installer may have finished before we started listening.
+    # The installer may have finished before we started listening. This run goes on with the
+    # next step itself: a second runner queued here would only race it.
     info = operations.get_info(plan.hv, plan.uuid)
     if not info.active:
-        request_domain_stopped(plan.request.pk)
+        request_domain_stopped(plan.request.pk, queue_next=False)
 
 
 def _define(plan: Plan) -> None:
@@ -528,10 +533,14 @@ def _start(plan: Plan) -> None:
         info = operations.set_autostart(plan.hv, plan.uuid, True)
     faults.checkpoint("starting:done")
     guest_sync_state(host=plan.host, info=info)
-    _move(plan, Status.STARTING, Status.RUNNING, f"Guest {info.state.value}")
-    job = _job(r)
-    if job is not None:
-        transitions.job_move(job.pk, expected=Job.Status.RUNNING, to=Job.Status.SUCCEEDED)
+    # One commit: a worker lost between the two moves would leave the job running forever, as
+    # reconcile passes over requests that are final.
+    with transaction.atomic():
+        _move(plan, Status.STARTING, Status.RUNNING, f"Guest {info.state.value}")
+        job = _job(r)
+        if job is not None:
+            with contextlib.suppress(transitions.StaleState):  # closed elsewhere: keep the move
+                transitions.job_move(job.pk, expected=Job.Status.RUNNING, to=Job.Status.SUCCEEDED)
 
 
 def _noop(status: Status, to: Status) -> Callable[[Plan], None]:
@@ -578,10 +587,15 @@ def advance(request_id: int) -> None:
         except (StepFailed, InvalidConfig, domxml.SpecError) as exc:
             fail(request_id, str(exc))
             return
+        except NotFound as exc:
+            # Something the step needs was removed from libvirt behind the portal's back; the
+            # step would fail the same way on every retry, so fail now and clean up.
+            fail(request_id, f"it vanished from libvirt: {exc}")
+            return
         request = _load(request_id)
 
 
-def request_domain_stopped(request_id: int) -> None:
+def request_domain_stopped(request_id: int, *, queue_next: bool = True) -> None:
     """The installer's domain stopped: a guest-initiated shutdown moves on, anything else fails."""
     request = _load(request_id)
     if request.status != Status.WAITING or request.guest is None or request.host is None:
@@ -602,7 +616,8 @@ def request_domain_stopped(request_id: int) -> None:
         job = _job(request)
         if job is not None:
             transitions.job_log(job.pk, "Installer finished", progress=PROGRESS[Status.DEFINING])
-        enqueue_advance(request)
+        if queue_next:
+            enqueue_advance(request)
         return
     what = info.reason if info.exists else "vanished"
     fail(request_id, f"the installer stopped without finishing ({what})")

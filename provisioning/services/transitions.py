@@ -135,8 +135,7 @@ def publish(channel: str, payload: Mapping[str, Any]) -> None:
 
     def send() -> None:
         try:
-            with client() as conn:
-                conn.publish(channel, message)
+            client().publish(channel, message)
         except redis.RedisError as exc:
             # Pages poll as well; a dead Redis must never undo or fail a committed change.
             logger.warning("could not publish on %s: %s", channel, exc)
