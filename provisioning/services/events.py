@@ -36,6 +36,10 @@ def domain_changed(*, host: Host, uuid: str, info: DomainInfo | None = None) -> 
     )
     if in_flight.exists():
         return  # the provisioning steps record the state themselves when they finish
+    if Job.objects.filter(guest=guest, kind=Job.Kind.MIGRATE, status=Job.Status.RUNNING).exists():
+        # The source pauses and undefines it as it leaves; the row must not say "gone" meanwhile.
+        # The migration records where and how the guest is when it ends.
+        return
     guest_sync_state(host=host, info=info)
     if not info.active:
         actions.job_domain_stopped(guest, info)
@@ -62,6 +66,8 @@ def reconcile_host(host: Host) -> dict[str, int]:
             host=host, status__in=provision._ACTIVE_STATUSES
         ).values_list("guest__uuid", flat=True)
     )
+    # A guest on the move is recorded by its migration when that ends (see domain_changed).
+    busy |= set(migrating.filter(status=Job.Status.RUNNING).values_list("guest__uuid", flat=True))
     known = {
         str(u) for u in Guest.objects.filter(uuid__in=list(domains)).values_list("uuid", flat=True)
     }

@@ -35,10 +35,21 @@ def _shared_storage(guest: Guest, dest: Host) -> bool:
     )
 
 
-def migration_start(*, guest: Guest, by: User | None, dest: Host | None = None) -> Job:
-    """Check the migration can run, open its job and queue it on the source host."""
+def migration_start(
+    *, guest: Guest, by: User | None, dest: Host | None = None, bandwidth_mib: int | None = None
+) -> Job:
+    """Check the migration can run, open its job and queue it on the source host.
+
+    bandwidth_mib caps the transfer (MiB/s), e.g. to spare a busy network; None: no cap.
+    """
     from provisioning import tasks
 
+    if bandwidth_mib is not None and bandwidth_mib <= 0:
+        raise MigrationRefused(f"the bandwidth cap must be positive, not {bandwidth_mib} MiB/s")
+    # First: a guest being installed is not persistent yet, and "transient" would mislead.
+    building = [ProvisioningRequest.Status.PENDING, *IN_FLIGHT]
+    if ProvisioningRequest.objects.filter(guest=guest, status__in=building).exists():
+        raise MigrationRefused(f"{guest.name} is being installed; migrate it once it runs")
     if not guest.persistent:
         raise MigrationRefused(
             f"{guest.name} is transient (it would be destroyed with its connection); "
@@ -49,14 +60,16 @@ def migration_start(*, guest: Guest, by: User | None, dest: Host | None = None) 
             f"{guest.name} is {guest.get_state_display().lower()}; "
             "running guests migrate live, stopped ones offline"
         )
-    if ProvisioningRequest.objects.filter(guest=guest, status__in=IN_FLIGHT).exists():
-        raise MigrationRefused(f"{guest.name} is being installed; migrate it once it runs")
-    source = guest.host
+    # Hosts read afresh (the callers' objects may be old): health is judged as it is now.
+    source = Host.objects.get(pk=guest.host_id)
     if placement.host_is_down(source) or not source.enabled:
         raise MigrationRefused(f"the source host {source} is down or disabled")
     with transaction.atomic():
         if dest is None:
             dest = _choose_destination(guest)
+        else:
+            # Locked as placement locks it, so two moves at once cannot both take its last room.
+            dest = Host.objects.select_for_update().get(pk=dest.pk)
         if dest.pk == source.pk:
             raise MigrationRefused(f"{guest.name} is on {dest} already")
         if not dest.enabled or placement.host_is_down(dest):
@@ -69,11 +82,14 @@ def migration_start(*, guest: Guest, by: User | None, dest: Host | None = None) 
                 "migration with storage copy is not supported"
             )
         live = guest.state == Guest.State.RUNNING
+        data: dict[str, Any] = {"dest": dest.pk, "source": source.pk, "live": live}
+        if bandwidth_mib is not None:
+            data["bandwidth_mib"] = bandwidth_mib
         job = transitions.job_open(
             kind=Job.Kind.MIGRATE,
             guest=guest,
             created_by=by,
-            data={"dest": dest.pk, "source": source.pk, "live": live},
+            data=data,
         )
         transitions.job_log(
             job.pk, f"{'Live' if live else 'Offline'} migration from {source} to {dest} requested"
@@ -142,6 +158,7 @@ def run_migration(job_id: int) -> None:
                 live=bool(job.data.get("live")),
                 migration_uri=f"tcp://{dest.migration_address}" if dest.migration_address else None,
                 unsafe=True,  # shared storage: the same files on both hosts
+                bandwidth_mib=job.data.get("bandwidth_mib"),
             )
         except HypervisorError as exc:
             outcome["error"] = exc

@@ -8,7 +8,7 @@ from datetime import timedelta
 from django.db.models import Q, Sum
 from django.utils import timezone
 
-from provisioning.models import Guest, GuestTemplate, Host, ProvisioningRequest
+from provisioning.models import Guest, GuestTemplate, Host, ProvisioningRequest, StoragePool
 from provisioning.services.quotas import IN_FLIGHT
 
 # A host whose listener has not been heard from for this long is down.
@@ -38,7 +38,11 @@ class Free:
 
 def host_free(host: Host) -> Free:
     """Capacity less what the portal placed there and what reconcile found beside it."""
-    building = ProvisioningRequest.objects.filter(status__in=IN_FLIGHT).values("guest_id")
+    # A pending request's guest holds its room from the moment it was placed: its row is still
+    # undefined until the install begins, and the next placement must not hand that room out.
+    building = ProvisioningRequest.objects.filter(
+        status__in=[ProvisioningRequest.Status.PENDING, *IN_FLIGHT]
+    ).values("guest_id")
     used = (
         Guest.objects.filter(host=host)
         .filter(~Q(state=Guest.State.UNDEFINED) | Q(pk__in=building))
@@ -65,7 +69,9 @@ def place(*, template: GuestTemplate, vcpus: int, memory_mib: int, disk_mib: int
     elif template.pool_id is not None:
         candidates = Host.objects.filter(pools__pk=template.pool_id)
     else:
-        candidates = Host.objects.filter(pools__for_guest_disks=True).distinct()
+        # A subquery, not a join with DISTINCT: PostgreSQL refuses FOR UPDATE with DISTINCT.
+        with_disks = StoragePool.objects.filter(for_guest_disks=True).values("host_id")
+        candidates = Host.objects.filter(pk__in=with_disks)
     hosts = list(candidates.select_for_update().order_by("pk"))
     if not hosts:
         raise NoRoom("no host with a storage pool for guest disks is registered")
