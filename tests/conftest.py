@@ -10,6 +10,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractUser
 from django.test import Client
 
+from tests.support.browser import browser, page  # noqa: F401 - fixtures for every folder
 from tests.support.stack import RedisServer
 
 # Playwright's sync API runs an event loop in the test thread; the ORM calls the tests make around

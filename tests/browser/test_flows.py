@@ -11,7 +11,6 @@ from playwright.sync_api import Page, expect
 from provisioning.hypervisor import operations, storage
 from provisioning.hypervisor.connection import get_hypervisor
 from provisioning.models import Guest, GuestTemplate, Host, Job, ProvisioningRequest
-from tests.browser.conftest import log_in
 from tests.browser.flow_support import (
     TEST_POOL,
     TEST_URI,
@@ -26,6 +25,7 @@ from tests.browser.flow_support import (
     watch,
 )
 from tests.conftest import PASSWORD
+from tests.support.browser import log_in
 from tests.support.stack import wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(60)]

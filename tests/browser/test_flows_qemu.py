@@ -24,7 +24,6 @@ from provisioning.hypervisor.types import GuestState
 from provisioning.models import Guest, GuestTemplate, Host, Job
 from provisioning.services.actions import save_path
 from provisioning.services.demo import DEMO_POOL_NAME, DEMO_TEMPLATE_NAME, demo_seed
-from tests.browser.conftest import log_in
 from tests.browser.flow_support import (
     LOCAL,
     QEMU_URI,
@@ -40,6 +39,7 @@ from tests.browser.flow_support import (
     watch,
 )
 from tests.conftest import PASSWORD, Stack, point_celery_at
+from tests.support.browser import log_in
 from tests.support.stack import RedisServer, wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.qemu, pytest.mark.timeout(240)]

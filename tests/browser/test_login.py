@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.browser.conftest import log_in
 from tests.conftest import PASSWORD
+from tests.support.browser import log_in
 
 pytestmark = pytest.mark.browser
 

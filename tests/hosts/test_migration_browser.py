@@ -16,7 +16,6 @@ from playwright.sync_api import Page, expect
 from provisioning.hypervisor import operations
 from provisioning.hypervisor.types import GuestState
 from provisioning.models import Guest, Job
-from tests.browser.conftest import browser, log_in, page  # noqa: F401 - fixtures
 from tests.browser.flow_support import watch
 from tests.conftest import PASSWORD
 from tests.hosts.conftest import (
@@ -28,6 +27,7 @@ from tests.hosts.conftest import (
     uptimes,
     wait_listening,
 )
+from tests.support.browser import log_in
 
 pytestmark = [pytest.mark.browser, pytest.mark.qemu, pytest.mark.timeout(300)]
 
@@ -52,7 +52,7 @@ def test_a_staff_user_migrates_a_running_guest_from_its_page_and_watches_it_move
     qemu_hosts: QemuHosts,
     host_stack: HostStack,
     staff: User,
-    page: Page,  # noqa: F811
+    page: Page,
 ) -> None:
     hosts = qemu_hosts
     for host in (hosts.a, hosts.b):

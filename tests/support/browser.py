@@ -1,4 +1,7 @@
-"""A real Chromium (Debian's) driven by Playwright; screenshots kept in test-artifacts/."""
+"""A real Chromium (Debian's) driven by Playwright; screenshots kept in test-artifacts/.
+
+The fixtures are registered in tests/conftest.py, so every folder shares one browser.
+"""
 
 from __future__ import annotations
 
