@@ -152,3 +152,38 @@ def test_other_users_get_404_for_my_objects(make_user, guest: Guest, template, u
     assert other.get(url.format(uuid=guest.uuid, req=req.pk)).status_code == 404
     for post in (f"/guests/{guest.uuid}/actions/suspend", f"/requests/{req.pk}/cancel"):
         assert other.post(post).status_code == 404
+
+
+def test_a_post_without_the_csrf_token_is_refused(user, guest: Guest) -> None:
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    response = client.post(f"/guests/{guest.uuid}/actions/suspend")
+    assert response.status_code == 403
+    assert Job.objects.count() == 0
+
+
+def test_pages_send_the_csrf_token_with_every_htmx_request(user_client: Client, guest) -> None:
+    body = user_client.get("/").content.decode()
+    assert 'hx-headers=\'{"X-CSRFToken": "' in body
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/guests/{uuid}/rebuild",
+        "/guests/{uuid}/schedules",
+        "/guests/{uuid}/migrate",
+        "/guests/{uuid}/jobs/1/cancel",
+        "/guests/{uuid}/actions/delete",
+    ],
+)
+def test_other_users_get_404_for_every_action_on_my_guest(make_user, guest: Guest, url) -> None:
+    other = Client()
+    other.force_login(make_user("mallory"))
+    assert other.post(url.format(uuid=guest.uuid)).status_code == 404
+    assert Job.objects.count() == 0
+
+
+def test_migration_is_for_staff_only(user_client: Client, guest: Guest) -> None:
+    assert user_client.post(f"/guests/{guest.uuid}/migrate").status_code == 404
+    assert 'data-action="migrate"' not in user_client.get(f"/guests/{guest.uuid}/").content.decode()
