@@ -38,5 +38,14 @@ prepare:
 	$(PY) manage.py ensure_admin
 	$(PY) manage.py seed_demo
 
+bench: setup-test
+	@dpkg-query -W -f='$${Status}' virtinst 2>/dev/null | grep -q "install ok installed" || { \
+	  echo "bench: installing Debian package virtinst (virt-install)"; apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends virtinst; }
+	scripts/ensure-libvirtd.sh
+	LIBVIRT_URI=test+unix:///default scripts/ensure-libvirtd.sh
+	$(PY) manage.py collectstatic --noinput -v0
+	$(PY) -m bench.run $(if $(filter 1 yes true,$(QUICK)),--quick)
+
 clean:
 	rm -rf .venv node_modules static/vendor var/staticfiles

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
+from django.db import connection
 from django.http import HttpRequest, StreamingHttpResponse
 from django.middleware.csrf import get_token
 from django.shortcuts import get_object_or_404
@@ -22,8 +23,26 @@ from .services import placement
 log = logging.getLogger(__name__)
 KEEPALIVE_SECONDS = 15.0
 T = TypeVar("T")
+P = ParamSpec("P")
 # render(None) on connecting, then render(data of the last message) after messages arrive.
 Render = Callable[[bytes | None], Awaitable[list[tuple[str, str]]]]
+
+
+def _in_thread(fn: Callable[P, T]) -> Callable[P, Awaitable[T]]:
+    """Run fn in the request's thread, then hand that thread's database connection back.
+
+    A stream lives for minutes in a thread of its own; holding a connection all that time ran
+    PostgreSQL out of connections (measured: 905 of 1,000 watchers refused with a 503).
+    """
+
+    def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if not connection.in_atomic_block:
+                connection.close()
+
+    return sync_to_async(run)
 
 
 def _frame(event: str, html: str) -> bytes:
@@ -127,7 +146,7 @@ def request_events(request: HttpRequest, pk: int) -> StreamingHttpResponse:
     token = get_token(request)
     done = req.is_final
 
-    @sync_to_async
+    @_in_thread
     def render_shared() -> tuple[str, bool]:
         # Nothing of the watcher goes in, so every watcher can be sent this one render.
         fresh = ProvisioningRequest.objects.select_related("template", "host", "guest").get(pk=pk)
@@ -156,7 +175,7 @@ def guest_events(request: HttpRequest, uuid: str) -> StreamingHttpResponse:
 
     guest = get_object_or_404(_guests_of(request), uuid=uuid)
 
-    @sync_to_async
+    @_in_thread
     def render(_message: bytes | None) -> list[tuple[str, str]]:
         fresh = Guest.objects.select_related("host", "template", "owner").get(pk=guest.pk)
         html = render_to_string(
@@ -174,7 +193,7 @@ def dashboard_events(request: HttpRequest) -> StreamingHttpResponse:
     owner_id = None if request.user.is_staff else request.user.pk
     last: dict[str, str] = {}
 
-    @sync_to_async
+    @_in_thread
     def render(_message: bytes | None) -> list[tuple[str, str]]:
         # Every row on connecting (the page may be older than the stream), then only rows whose
         # state changed since the last look. Rows of a silent host keep the page's "unreachable".

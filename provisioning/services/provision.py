@@ -625,10 +625,14 @@ def request_domain_stopped(request_id: int, *, queue_next: bool = True) -> None:
 
 def fail(request_id: int, error: str) -> None:
     """Fail the request (from any non-final status) and remove what it made."""
-    with contextlib.suppress(transitions.StaleState):
+    # The request and its job fail in one commit, so nobody sees one failed and the other not.
+    with transaction.atomic(), contextlib.suppress(transitions.StaleState):
         transitions.request_move(
             request_id, expected=_ACTIVE_STATUSES, to=Status.FAILED, note=error, error=error
         )
+        job = _job(_load(request_id))
+        if job is not None and job.status in Job.ACTIVE:
+            transitions.job_move(job.pk, expected=Job.ACTIVE, to=Job.Status.FAILED, error=error)
     cleanup(request_id)
 
 

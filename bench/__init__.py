@@ -1,0 +1,1 @@
+"""`make bench`: the portal against raw libvirt-python and virt-install, as ratios."""
