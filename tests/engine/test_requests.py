@@ -447,8 +447,12 @@ def test_the_same_step_delivered_twice_at_once_makes_one_guest_and_one_history(
 def test_two_workers_with_every_task_sent_twice_finish_each_request_once(
     stack, make_user, test_host: Host, kernel_template: GuestTemplate
 ) -> None:
+    # As in production, reconcile is the net under the listener: with four worker children and
+    # the listener writing one SQLite file, an event's write can lose a lock race (seen in CI).
+    stack.env.update(VMPORTAL_RECONCILE_EVERY="1")
     workers = [start_proc(stack, "worker", f"worker-{x}", concurrency=2) for x in "ab"]
     start_proc(stack, "listener", "listener")
+    start_proc(stack, "beat", "beat")
     owner = make_user("ann")
     requests = [submit(owner, kernel_template, f"eng-many{i}") for i in range(8)]
     for request in requests:  # a redelivered message
