@@ -7,6 +7,17 @@ uri=${LIBVIRT_URI:-qemu:///system}
 
 answers() { timeout 10 virsh -q -c "$uri" version >/dev/null 2>&1; }
 
+# Without udev, /dev/kvm stays root-only (0600). libvirt then probes QEMU's capabilities with KVM
+# (as root) but finds KVM unusable for the qemu user on every later call, so it probes again and
+# again, and each domain start waits behind those probes. Give the node the group and mode that
+# Debian's udev rule gives it (whether KVM guests then work is probed per host at run time).
+if [[ -c /dev/kvm && $EUID -eq 0 ]] && [[ "$(stat -c %G:%a /dev/kvm)" != kvm:660 ]] &&
+  [[ "$(stat -c %a /dev/kvm)" == 600 ]]; then
+  getent group kvm >/dev/null || groupadd -r kvm
+  chgrp kvm /dev/kvm && chmod 0660 /dev/kvm &&
+    echo "libvirt: gave /dev/kvm group kvm, mode 0660 (as udev would)"
+fi
+
 if answers; then exit 0; fi
 case "$uri" in
   qemu:///system|test+unix:///*|qemu+unix:///system) ;;
