@@ -82,6 +82,7 @@ class GuestTemplateAdmin(admin.ModelAdmin):
                     ("vcpus_min", "vcpus_default", "vcpus_max"),
                     ("memory_mib_min", "memory_mib_default", "memory_mib_max"),
                     ("disk_mib_min", "disk_mib_default", "disk_mib_max"),
+                    ("data_disk_mib_default", "data_disk_mib_max"),
                 )
             },
         ),
@@ -180,8 +181,8 @@ class ScheduleRunInline(admin.TabularInline):
 
 @admin.register(models.RebuildSchedule)
 class RebuildScheduleAdmin(admin.ModelAdmin):
-    list_display = ("guest", "periodic_task", "source", "created_by", "created")
-    list_filter = ("source",)
+    list_display = ("guest", "periodic_task", "source", "keep_data_disk", "created_by", "created")
+    list_filter = ("source", "keep_data_disk")
     search_fields = ("guest__name", "periodic_task__name")
     list_select_related = ("guest", "periodic_task", "created_by")
     inlines = [ScheduleRunInline]

@@ -17,6 +17,7 @@ class NewGuestForm(forms.Form):
     vcpus = forms.IntegerField(label="vCPUs")
     memory_mib = forms.IntegerField(label="Memory (MiB)")
     disk_mib = forms.IntegerField(label="Disk (MiB)")
+    data_disk_mib = forms.IntegerField(label="Data disk (MiB)", required=False, min_value=0)
     start_paused = forms.BooleanField(required=False, label="Start paused")
     autostart = forms.BooleanField(required=False, label="Start with the host (autostart)")
     autodestroy = forms.BooleanField(
@@ -36,6 +37,16 @@ class NewGuestForm(forms.Form):
             f.validators.append(_range_validator(low, high))
             f.widget.attrs.update(min=low, max=high)
             f.help_text = f"{low} to {high}"
+        most = template.data_disk_mib_max
+        if most:
+            f = self.fields["data_disk_mib"]
+            assert isinstance(f, forms.IntegerField)
+            f.max_value, f.initial = most, template.data_disk_mib_default
+            f.validators.append(_range_validator(0, most))
+            f.widget.attrs.update(min=0, max=most)
+            f.help_text = f"0 (none) to {most}; a rebuild can keep it"
+        else:
+            del self.fields["data_disk_mib"]
         transient = template.lifecycle == GuestTemplate.Lifecycle.TRANSIENT
         self.fields["start_paused"].initial = template.start_paused
         self.fields["autostart"].initial = template.autostart
@@ -52,6 +63,7 @@ class NewGuestForm(forms.Form):
             vcpus=data["vcpus"],
             memory_mib=data["memory_mib"],
             disk_mib=data["disk_mib"],
+            data_disk_mib=data.get("data_disk_mib") or 0,
             start_paused=data.get("start_paused"),
             autostart=data.get("autostart"),
             autodestroy=data.get("autodestroy"),

@@ -207,6 +207,17 @@ class GuestTemplate(models.Model):
     disk_mib_default = models.PositiveIntegerField(default=1024)
     disk_mib_min = models.PositiveIntegerField(default=64, validators=[MinValueValidator(1)])
     disk_mib_max = models.PositiveIntegerField(default=20480)
+    data_disk_mib_default = models.PositiveIntegerField(
+        default=0,
+        verbose_name="data disk default (MiB)",
+        help_text="A second, empty disk (vdb) for the user's data; 0: none unless asked for.",
+    )
+    data_disk_mib_max = models.PositiveIntegerField(
+        default=0,
+        verbose_name="data disk max (MiB)",
+        help_text="The largest data disk users may ask for; 0: this template offers none. "
+        "A rebuild can keep the data disk while the system disk is made anew.",
+    )
     start_paused = models.BooleanField(default=False)
     autodestroy = models.BooleanField(default=False)
     autostart = models.BooleanField(default=False)
@@ -237,6 +248,10 @@ class GuestTemplate(models.Model):
                 name="template_disk_in_range",
             ),
             models.CheckConstraint(
+                condition=Q(data_disk_mib_default__lte=F("data_disk_mib_max")),
+                name="template_data_disk_in_range",
+            ),
+            models.CheckConstraint(
                 condition=~Q(lifecycle="transient", autostart=True),
                 name="template_transient_not_autostart",
             ),
@@ -258,6 +273,8 @@ class GuestTemplate(models.Model):
         wanted = needs.get(self.method)
         if wanted and (self.media is None or self.media.kind != wanted):
             errors["media"] = f"This method needs media of kind '{Media.Kind(wanted).label}'."
+        if self.data_disk_mib_default > self.data_disk_mib_max:
+            errors["data_disk_mib_default"] = "The data disk default cannot exceed its maximum."
         if self.method == self.Method.PXE and self.network is None:
             errors["network"] = "PXE installs need a network."
         if self.method == self.Method.IMPORT and not self.base_volume:
@@ -301,6 +318,7 @@ class Guest(models.Model):
     vcpus = models.PositiveIntegerField(default=1)
     memory_mib = models.PositiveIntegerField(default=512)
     disk_mib = models.PositiveIntegerField(default=0)
+    data_disk_mib = models.PositiveIntegerField(default=0, help_text="0: no data disk")
     created = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -346,6 +364,10 @@ class ProvisioningRequest(models.Model):
     vcpus = models.PositiveIntegerField(validators=[MinValueValidator(1)])
     memory_mib = models.PositiveIntegerField(validators=[MinValueValidator(16)])
     disk_mib = models.PositiveIntegerField(validators=[MinValueValidator(1)])
+    data_disk_mib = models.PositiveIntegerField(default=0, help_text="0: no data disk")
+    keep_data_disk = models.BooleanField(
+        default=True, help_text="Rebuilds: keep the data disk as it is (else it is made anew)."
+    )
     start_paused = models.BooleanField(default=False)
     autostart = models.BooleanField(default=False)
     autodestroy = models.BooleanField(default=False)
@@ -548,6 +570,9 @@ class RebuildSchedule(models.Model):
         "django_celery_beat.PeriodicTask", on_delete=models.CASCADE, related_name="rebuild"
     )
     source = models.CharField(max_length=8, choices=Source, default=Source.LATEST)
+    keep_data_disk = models.BooleanField(
+        default=True, help_text="Keep the guest's data disk; else each rebuild starts it empty."
+    )
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )

@@ -333,8 +333,12 @@ def guest_rebuild(request: HttpRequest, uuid: str) -> HttpResponse:
     """Rebuild the guest from its template now."""
     guest = get_object_or_404(_guests_of(request).select_related("host", "template"), uuid=uuid)
     latest = request.POST.get("source", "latest") == "latest"
+    # A checkbox: absent means unticked. Kept when the form has no such box (no data disk).
+    keep = request.POST.get("keep_data_disk", "on" if not guest.data_disk_mib else "") == "on"
     try:
-        made = provision.reprovision_submit(guest=guest, by=_user(request), latest=latest)
+        made = provision.reprovision_submit(
+            guest=guest, by=_user(request), latest=latest, keep_data_disk=keep
+        )
     except (provision.SubmitError, transitions.GuestBusy) as exc:
         messages.error(request, str(exc))
         return redirect("guest-detail", uuid=guest.uuid)
@@ -361,6 +365,10 @@ def schedule_create(request: HttpRequest, uuid: str) -> HttpResponse:
             cron=request.POST.get("cron", "")[:100],
             latest=request.POST.get("source", "latest") == "latest",
             enabled=request.POST.get("enabled", "on") == "on",
+            keep_data_disk=request.POST.get(
+                "keep_data_disk", "on" if not guest.data_disk_mib else ""
+            )
+            == "on",
         )
     except schedules.ScheduleError as exc:
         messages.error(request, str(exc))

@@ -4,9 +4,13 @@ The same initramfs runs in two modes chosen by the kernel command line:
 
 * INSTALLER (``vmportal.install=1``): writes a BIOS-bootable FAT "superfloppy" image onto
   /dev/vda, stamps ``VMPORTAL-MARKER <token>`` at ``MARKER_OFFSET_MIB`` and powers off.
-* RUNTIME (anything else): reads the marker back, prints ``VMPORTAL-DISK: <token>`` and
-  ``VMPORTAL-READY``, then prints ``VMPORTAL-ALIVE <uptime>`` every few seconds until the ACPI
-  power button is pressed, when it syncs and powers off.
+  With a second disk (/dev/vdb, a data disk) that carries no ``VMPORTAL-DATA <token>`` stamp
+  yet, it stamps one with the same token first: a data disk kept across a reinstall keeps the
+  token of the install that first saw it.
+* RUNTIME (anything else): reads the marker back, prints ``VMPORTAL-DISK: <token>`` (and
+  ``VMPORTAL-DATA: <token>`` when it has a data disk) and ``VMPORTAL-READY``, then prints
+  ``VMPORTAL-ALIVE <uptime>`` every few seconds until the ACPI power button is pressed, when it
+  syncs and powers off.
 
 Artifacts (kernel, initramfs pair, boot image, ISO, PXE TFTP root) are cached in a directory
 and rebuilt only when missing or when the recipe changed. Stdlib only; shells out to Debian tools.
@@ -90,6 +94,7 @@ mkdir -p /tmp
 dmesg -n 4
 
 DISK=/dev/vda
+DATA=/dev/vdb
 MARKER_SECTOR=@MARKER_SECTOR@
 DISK_MIN_BYTES=@DISK_MIN_BYTES@
 
@@ -123,14 +128,38 @@ load_modules() {
     echo "VMPORTAL-WARN modules not loaded:$pending"
 }
 
+virtio_disks() {
+    # virtio devices of type 2 are block devices; each becomes a /dev/vdX once probed.
+    n=0
+    for d in /sys/bus/virtio/devices/*; do
+        [ "$(cat "$d/device" 2>/dev/null)" = 0x0002 ] && n=$((n + 1))
+    done
+    echo "$n"
+}
+
 wait_for_disk() {
-    # virtio-blk probes asynchronously after insmod returns.
+    # virtio-blk probes asynchronously after insmod returns: wait for every disk's node.
+    want=$(virtio_disks)
     i=0
-    while [ ! -b "$DISK" ]; do
+    while :; do
+        have=0
+        for b in /dev/vd?; do [ -b "$b" ] && have=$((have + 1)); done
+        [ "$have" -ge "$want" ] && [ -b "$DISK" ] && return 0
         i=$((i + 1))
-        [ "$i" -gt 100 ] && return 1
+        [ "$i" -gt 100 ] && { [ -b "$DISK" ]; return; }
         sleep 0.1
     done
+}
+
+data_token() {
+    # The token stamped on the data disk, or nothing.
+    line=$(dd if="$DATA" bs=512 count=1 2>/dev/null | tr -d '\000' | head -n 1)
+    case "$line" in
+        "VMPORTAL-DATA "*)
+            t="${line#VMPORTAL-DATA }"
+            valid_token "$t" && echo "$t"
+            ;;
+    esac
 }
 
 stay_up() {
@@ -152,6 +181,11 @@ do_install() {
     { printf 'VMPORTAL-MARKER %s\n' "$marker"; head -c 512 /dev/zero; } | head -c 512 >/tmp/marker
     dd if=/tmp/marker of="$DISK" bs=512 seek="$MARKER_SECTOR" count=1 conv=notrunc,fsync \
         2>/dev/null || install_fail write-marker
+    if [ -b "$DATA" ] && [ -z "$(data_token)" ]; then
+        { printf 'VMPORTAL-DATA %s\n' "$marker"; head -c 512 /dev/zero; } | head -c 512 >/tmp/data
+        dd if=/tmp/data of="$DATA" bs=512 count=1 conv=notrunc,fsync 2>/dev/null \
+            || install_fail write-data
+    fi
     sync
     echo "VMPORTAL-INSTALL-DONE $marker"
     poweroff -f
@@ -195,6 +229,10 @@ do_runtime() {
         esac
     fi
     echo "VMPORTAL-DISK: $token"
+    if [ -b "$DATA" ]; then
+        data=$(data_token)
+        echo "VMPORTAL-DATA: ${data:-none}"
+    fi
     arm_power_button
     echo "VMPORTAL-READY"
     while :; do
@@ -255,6 +293,7 @@ class ConsoleReport:
     alive_count: int
     install_error: str | None = None
     powering_off: bool = False
+    data_marker: str | None = None  # the data disk's stamp; None without a data disk
 
 
 def validate_marker(marker: str) -> str:
@@ -279,6 +318,7 @@ def runtime_cmdline() -> str:
 _INSTALL_DONE_RE = re.compile(r"VMPORTAL-INSTALL-DONE ([A-Za-z0-9._-]+)")
 _INSTALL_FAILED_RE = re.compile(r"VMPORTAL-INSTALL-FAILED (\S+)")
 _DISK_RE = re.compile(r"VMPORTAL-DISK: ([A-Za-z0-9._-]+)")
+_DATA_RE = re.compile(r"VMPORTAL-DATA: ([A-Za-z0-9._-]+)")
 
 
 def parse_console(text: str) -> ConsoleReport:
@@ -286,9 +326,11 @@ def parse_console(text: str) -> ConsoleReport:
     installed = _INSTALL_DONE_RE.findall(text)
     failed = _INSTALL_FAILED_RE.findall(text)
     disk = _DISK_RE.findall(text)
+    data = _DATA_RE.findall(text)
     return ConsoleReport(
         installed_marker=installed[-1] if installed else None,
         disk_marker=disk[-1] if disk else None,
+        data_marker=data[-1] if data else None,
         ready="VMPORTAL-READY" in text,
         alive_count=len(re.findall(r"VMPORTAL-ALIVE \d", text)),
         install_error=failed[-1] if failed else None,

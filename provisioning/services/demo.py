@@ -84,6 +84,7 @@ def demo_seed(*, host: Host, log: Callable[[str], None] = print) -> GuestTemplat
                 "disk_mib_min": tinyguest.DISK_MIN_MIB,
                 "disk_mib_default": tinyguest.DISK_MIN_MIB,
                 "disk_mib_max": 1024,
+                "data_disk_mib_max": 256,
                 "install_timeout_minutes": 10,
             },
         )

@@ -74,7 +74,9 @@ def migration_start(
             raise MigrationRefused(f"{guest.name} is on {dest} already")
         if not dest.enabled or placement.host_is_down(dest):
             raise MigrationRefused(f"the destination host {dest} is down or disabled")
-        if not placement.host_free(dest).fits(guest.vcpus, guest.memory_mib, guest.disk_mib):
+        if not placement.host_free(dest).fits(
+            guest.vcpus, guest.memory_mib, guest.disk_mib + guest.data_disk_mib
+        ):
             raise MigrationRefused(f"the destination host {dest} has no room for {guest.name}")
         if not _shared_storage(guest, dest):
             raise MigrationRefused(
@@ -108,7 +110,9 @@ def _choose_destination(guest: Guest) -> Host:
     room = [
         (placement.host_free(h), h)
         for h in others
-        if placement.host_free(h).fits(guest.vcpus, guest.memory_mib, guest.disk_mib)
+        if placement.host_free(h).fits(
+            guest.vcpus, guest.memory_mib, guest.disk_mib + guest.data_disk_mib
+        )
     ]
     if not room:
         raise MigrationRefused(f"no other enabled, healthy host has room for {guest.name}")

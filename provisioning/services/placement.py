@@ -46,7 +46,12 @@ def host_free(host: Host) -> Free:
     used = (
         Guest.objects.filter(host=host)
         .filter(~Q(state=Guest.State.UNDEFINED) | Q(pk__in=building))
-        .aggregate(vcpus=Sum("vcpus"), memory=Sum("memory_mib"), disk=Sum("disk_mib"))
+        .aggregate(
+            vcpus=Sum("vcpus"),
+            memory=Sum("memory_mib"),
+            disk=Sum("disk_mib"),
+            data=Sum("data_disk_mib"),
+        )
     )
     outside = host.unmanaged_domains or []
     outside_memory = sum(int(d.get("memory_mib", 0)) for d in outside)
@@ -54,7 +59,7 @@ def host_free(host: Host) -> Free:
     return Free(
         vcpus=host.capacity_vcpus - int(used["vcpus"] or 0) - outside_vcpus,
         memory_mib=host.capacity_memory_mib - int(used["memory"] or 0) - outside_memory,
-        disk_mib=host.capacity_disk_gib * 1024 - int(used["disk"] or 0),
+        disk_mib=host.capacity_disk_gib * 1024 - int(used["disk"] or 0) - int(used["data"] or 0),
     )
 
 

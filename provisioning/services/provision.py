@@ -85,6 +85,7 @@ class Overrides:
     vcpus: int | None = None
     memory_mib: int | None = None
     disk_mib: int | None = None
+    data_disk_mib: int | None = None
     start_paused: bool | None = None
     autostart: bool | None = None
     autodestroy: bool | None = None
@@ -107,6 +108,13 @@ def _check_overrides(template: GuestTemplate, o: Overrides) -> dict[str, Any]:
         if not low <= value <= high:
             errors[field] = f"Pick between {low}{unit} and {high}{unit}."
         values[field] = value
+    most = template.data_disk_mib_max
+    picked = template.data_disk_mib_default if o.data_disk_mib is None else o.data_disk_mib
+    if picked and not most:
+        errors["data_disk_mib"] = "This template offers no data disk."
+    elif not 0 <= picked <= most:
+        errors["data_disk_mib"] = f"Pick between 0 (none) and {most} MiB."
+    values["data_disk_mib"] = picked
     transient = template.lifecycle == GuestTemplate.Lifecycle.TRANSIENT
     for option in ("start_paused", "autostart", "autodestroy"):
         picked = getattr(o, option)
@@ -129,7 +137,7 @@ def request_place(*, template: GuestTemplate, values: dict[str, Any]) -> Host:
             template=template,
             vcpus=values["vcpus"],
             memory_mib=values["memory_mib"],
-            disk_mib=values["disk_mib"],
+            disk_mib=values["disk_mib"] + values["data_disk_mib"],
         )
     except placement.NoRoom as exc:
         raise SubmitError({"template": f"Cannot place the guest: {exc}."}) from exc
@@ -164,6 +172,7 @@ def request_submit(
                 vcpus=values["vcpus"],
                 memory_mib=values["memory_mib"],
                 disk_mib=values["disk_mib"],
+                data_disk_mib=values["data_disk_mib"],
             )
             request = ProvisioningRequest.objects.create(
                 owner=owner,
@@ -188,9 +197,13 @@ _ACTIVE_STATUSES = [s for s in Status if s not in transitions.REQUEST_FINAL]
 
 
 def reprovision_submit(
-    *, guest: Guest, by: User | None, latest: bool = True
+    *, guest: Guest, by: User | None, latest: bool = True, keep_data_disk: bool = True
 ) -> ProvisioningRequest:
-    """Rebuild a guest from its template (keeping name, UUID and MAC); GuestBusy if it is busy."""
+    """Rebuild a guest from its template (keeping name, UUID and MAC); GuestBusy if it is busy.
+
+    The system disk is always made anew; the data disk (if the guest has one) is kept as it is,
+    or made anew and empty when keep_data_disk is false.
+    """
     template = guest.template
     if template is None:
         raise SubmitError({"template": f"{guest.name} was not made from a template."})
@@ -220,12 +233,17 @@ def reprovision_submit(
             vcpus=guest.vcpus,
             memory_mib=guest.memory_mib,
             disk_mib=guest.disk_mib,
+            data_disk_mib=guest.data_disk_mib,
+            keep_data_disk=keep_data_disk,
             autostart=guest.autostart,
         )
         Job.objects.filter(pk=job.pk).update(request=request)
         Guest.objects.filter(pk=guest.pk).update(template_version=version)
+        data = ""
+        if guest.data_disk_mib:
+            data = ", keeping the data disk" if keep_data_disk else ", with an empty data disk"
         transitions.job_log(
-            job.pk, f"Rebuild from {template.name} v{version} requested", progress=0
+            job.pk, f"Rebuild from {template.name} v{version} requested{data}", progress=0
         )
         transaction.on_commit(lambda: enqueue_advance(request))
     return request
@@ -284,6 +302,17 @@ class Plan:
         )
 
     @property
+    def data_volume(self) -> str | None:
+        """The data disk's volume (beside the system disk, in the same pool), if it has one."""
+        if not self.guest.data_disk_mib:
+            return None
+        return f"{self.guest.name}-{self.guest.uuid.hex[:8]}-data.qcow2"
+
+    @property
+    def volumes(self) -> list[str]:
+        return [v for v in (self.volume, self.data_volume) if v]
+
+    @property
     def rebuild(self) -> bool:
         return self.request.kind == ProvisioningRequest.Kind.REBUILD
 
@@ -316,7 +345,10 @@ class Plan:
             vcpus=g.vcpus,
             method=t.method,  # type: ignore[arg-type]
             domain_type=self.domain_type or host_domain_type(host=self.host),
-            disks=(domxml.DiskSpec(domxml.VolumeRef(self.pool.name, self.volume)),),
+            disks=tuple(
+                domxml.DiskSpec(domxml.VolumeRef(self.pool.name, volume), target=target)
+                for volume, target in zip(self.volumes, ("vda", "vdb"), strict=False)
+            ),
             nics=nics,
             media=media,
             final_boot=t.final_boot,  # type: ignore[arg-type]
@@ -420,13 +452,29 @@ def _stop_for_rebuild(plan: Plan) -> None:
         transitions.job_log(job.pk, "The guest did not shut down in time; forced off")
 
 
+def _create_volume(plan: Plan, name: str, mib: int) -> bool:
+    """Make an empty volume; False if it exists (an earlier run made it, or a rebuild keeps it)."""
+    try:
+        storage.create_volume(plan.hv, plan.pool.name, name, mib * MiB, "qcow2")
+    except AlreadyExists:
+        return False
+    except NotFound as exc:
+        raise StepFailed(f"storage pool {plan.pool.name} is missing on {plan.host}") from exc
+    return True
+
+
 def _prepare(plan: Plan) -> None:
-    size = plan.guest.disk_mib * MiB
+    data = plan.data_volume
+    keep_data = plan.rebuild and plan.request.keep_data_disk
     if plan.rebuild:
         _stop_for_rebuild(plan)
         operations.remove_managed_save(plan.hv, plan.uuid)
-        # The disk is made anew from the template, as on the first install.
+        # The system disk is made anew from the template, as on the first install; the data
+        # disk too unless the rebuild keeps it. Deleting and making an empty disk again is
+        # harmless when a crashed run of this step repeats it.
         storage.delete_volume(plan.hv, plan.pool.name, plan.volume)
+        if data and not keep_data:
+            storage.delete_volume(plan.hv, plan.pool.name, data)
     if plan.template.method == GuestTemplate.Method.IMPORT:
         try:
             storage.clone_volume(plan.hv, plan.pool.name, plan.template.base_volume, plan.volume)
@@ -435,15 +483,17 @@ def _prepare(plan: Plan) -> None:
         except NotFound as exc:
             raise StepFailed(f"base volume {plan.template.base_volume} is missing: {exc}") from exc
     else:
-        try:
-            storage.create_volume(plan.hv, plan.pool.name, plan.volume, size, "qcow2")
-        except AlreadyExists:
-            pass  # made by an earlier run of this step
-        except NotFound as exc:
-            raise StepFailed(f"storage pool {plan.pool.name} is missing on {plan.host}") from exc
+        _create_volume(plan, plan.volume, plan.guest.disk_mib)
+    note = f"Disk {plan.volume} ready ({plan.guest.disk_mib} MiB)"
+    if data:
+        made = _create_volume(plan, data, plan.guest.data_disk_mib)
+        what = "kept" if keep_data else "ready"
+        if keep_data and made:  # removed behind the portal's back: an empty one will do
+            what = "was missing, made anew"
+        note += f"; data disk {data} {what} ({plan.guest.data_disk_mib} MiB)"
     faults.checkpoint("preparing:done")
     nxt = Status.INSTALLING if plan.installs else Status.DEFINING
-    _move(plan, Status.PREPARING, nxt, f"Disk {plan.volume} ready ({plan.guest.disk_mib} MiB)")
+    _move(plan, Status.PREPARING, nxt, note)
 
 
 def _install(plan: Plan) -> None:
@@ -675,7 +725,8 @@ def cleanup(request_id: int) -> None:
         except StepFailed:
             plan = None
         if plan is not None:
-            storage.delete_volume(hv, plan.pool.name, plan.volume)
+            for volume in plan.volumes:
+                storage.delete_volume(hv, plan.pool.name, volume)
         guest_sync_state(host=request.host, info=DomainInfo.undefined(uuid))
     job = _job(request)
     if job is not None and job.status in Job.ACTIVE:

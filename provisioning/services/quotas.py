@@ -68,8 +68,11 @@ def _usage(owners: Q) -> Usage:
         vcpus=Sum("vcpus"),
         memory_mib=Sum("memory_mib"),
         disk_mib=Sum("disk_mib"),
+        data_disk_mib=Sum("data_disk_mib"),
     )
-    return Usage(**{k: int(v or 0) for k, v in totals.items()})
+    counts = {k: int(v or 0) for k, v in totals.items()}
+    counts["disk_mib"] += counts.pop("data_disk_mib")  # the disk quota covers both disks
+    return Usage(**counts)
 
 
 def usage_of(user: AbstractBaseUser) -> Usage:
@@ -109,7 +112,7 @@ def quota_lock(user: AbstractBaseUser) -> None:
 def quota_problem(request: ProvisioningRequest) -> str | None:
     """Why admitting this request would break a quota, or None when it fits."""
     owner = request.owner
-    extra = (request.vcpus, request.memory_mib, request.disk_mib)
+    extra = (request.vcpus, request.memory_mib, request.disk_mib + request.data_disk_mib)
     problem = _exceeds(usage_of(owner).plus(*extra), limits_of(owner))
     if problem:
         return problem

@@ -45,6 +45,7 @@ def schedule_create(
     cron: str = "",
     latest: bool = True,
     enabled: bool = True,
+    keep_data_disk: bool = True,
 ) -> RebuildSchedule:
     """A new rebuild schedule for the guest: every N minutes, or by a cron expression."""
     if guest.template is None:
@@ -71,6 +72,7 @@ def schedule_create(
             guest=guest,
             periodic_task=task,
             source=RebuildSchedule.Source.LATEST if latest else RebuildSchedule.Source.PINNED,
+            keep_data_disk=keep_data_disk,
             created_by=by,
         )
         task.name = f"Rebuild {guest.name} ({guest.uuid}) #{schedule.pk}: {what}"
@@ -112,7 +114,9 @@ def schedule_fire(schedule_id: int) -> ScheduleRun | None:
         )
     latest = schedule.source == RebuildSchedule.Source.LATEST
     try:
-        request = provision.reprovision_submit(guest=schedule.guest, by=None, latest=latest)
+        request = provision.reprovision_submit(
+            guest=schedule.guest, by=None, latest=latest, keep_data_disk=schedule.keep_data_disk
+        )
     except transitions.GuestBusy as exc:
         return ScheduleRun.objects.create(
             schedule=schedule, outcome=ScheduleRun.Outcome.SKIPPED, message=str(exc)

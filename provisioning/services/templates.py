@@ -68,6 +68,7 @@ def _plan(template: GuestTemplate, *, name: str, uuid: str) -> Plan:
         vcpus=template.vcpus_default,
         memory_mib=template.memory_mib_default,
         disk_mib=template.disk_mib_default,
+        data_disk_mib=template.data_disk_mib_default,
     )
     request = ProvisioningRequest(pk=0, template=template, template_version=template.version)
     domain_type = host.detected_domain_type or (

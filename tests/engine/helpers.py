@@ -254,7 +254,8 @@ def tidy(host: Host) -> None:
             operations.destroy(hv(), uuid)
             operations.undefine(hv(), uuid)
         with contextlib.suppress(Exception):
-            storage.delete_volume(hv(), POOL, volume_name(guest))
+            for volume in volumes_of(guest):  # the system disk and any data disk
+                storage.delete_volume(hv(), POOL, volume)
 
 
 @pytest.fixture

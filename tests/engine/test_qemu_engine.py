@@ -228,19 +228,18 @@ def provision_job(request: ProvisioningRequest) -> Job:
     return Job.objects.get(request=request, kind=Job.Kind.PROVISION)
 
 
-def submit(stack: QemuStack) -> tuple[ProvisioningRequest, Guest]:
+def submit(stack: QemuStack, *, data_disk_mib: int = 0) -> tuple[ProvisioningRequest, Guest]:
     """Request the demo template's tiny guest under a fresh name."""
     owner, _ = get_user_model().objects.get_or_create(username="ann")
-    request = request_submit(
-        owner=owner, template=stack.template, overrides=Overrides(name=stack.new_name())
-    )
+    overrides = Overrides(name=stack.new_name(), data_disk_mib=data_disk_mib)
+    request = request_submit(owner=owner, template=stack.template, overrides=overrides)
     assert request.guest is not None
     return request, request.guest
 
 
-def provision(stack: QemuStack) -> tuple[ProvisioningRequest, Guest]:
+def provision(stack: QemuStack, *, data_disk_mib: int = 0) -> tuple[ProvisioningRequest, Guest]:
     """A request for the tiny guest, run to a booted phase 2 showing the installer's marker."""
-    request, guest = submit(stack)
+    request, guest = submit(stack, data_disk_mib=data_disk_mib)
     wait_for_status(request, Status.RUNNING, stack, timeout=INSTALL_DEADLINE + BOOT_DEADLINE)
     wait_for_console(
         guest, timeout=BOOT_DEADLINE, what="the installed guest to boot", disk_marker="installed"
