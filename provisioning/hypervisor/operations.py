@@ -185,6 +185,17 @@ def _act(
     return hv.call(run, idempotent=idempotent)
 
 
+def _lookup_or_none(conn: libvirt.virConnect, uuid: str) -> libvirt.virDomain | None:
+    """The domain with this UUID, or None when libvirt does not know it (other errors raise)."""
+    try:
+        return conn.lookupByUUIDString(uuid)
+    except libvirt.libvirtError as exc:
+        err = classify(exc)
+        if isinstance(err, NotFound):
+            return None
+        raise err from exc
+
+
 # --- reads -------------------------------------------------------------------------------
 
 
@@ -192,14 +203,8 @@ def get_info(hv: Hypervisor, uuid: str) -> DomainInfo:
     """The guest's current state; UNDEFINED (not an exception) when libvirt does not know it."""
 
     def read(conn: libvirt.virConnect) -> DomainInfo:
-        try:
-            dom = conn.lookupByUUIDString(uuid)
-        except libvirt.libvirtError as exc:
-            err = classify(exc)
-            if isinstance(err, NotFound):
-                return DomainInfo.undefined(uuid)
-            raise err from exc
-        return _info_or_undefined(dom, uuid)
+        dom = _lookup_or_none(conn, uuid)
+        return DomainInfo.undefined(uuid) if dom is None else _info_or_undefined(dom, uuid)
 
     return hv.call(read)
 
@@ -365,8 +370,10 @@ def undefine(hv: Hypervisor, uuid: str) -> DomainInfo:
     """
 
     def run(conn: libvirt.virConnect) -> DomainInfo:
+        dom = _lookup_or_none(conn, uuid)
+        if dom is None:
+            return DomainInfo.undefined(uuid)
         try:
-            dom = conn.lookupByUUIDString(uuid)
             if not dom.isPersistent():
                 return read_info(dom)
         except libvirt.libvirtError as exc:
@@ -417,13 +424,9 @@ def destroy(hv: Hypervisor, uuid: str, *, graceful: bool = False) -> DomainInfo:
     flags = libvirt.VIR_DOMAIN_DESTROY_GRACEFUL if graceful else 0
 
     def run(conn: libvirt.virConnect) -> DomainInfo:
-        try:
-            dom = conn.lookupByUUIDString(uuid)
-        except libvirt.libvirtError as exc:
-            err = classify(exc)
-            if isinstance(err, NotFound):
-                return DomainInfo.undefined(uuid)
-            raise err from exc
+        dom = _lookup_or_none(conn, uuid)
+        if dom is None:
+            return DomainInfo.undefined(uuid)
         try:
             if flags:
                 dom.destroyFlags(flags)

@@ -119,9 +119,11 @@ def advance_until(monkeypatch: pytest.MonkeyPatch, request_id: int, checkpoint: 
     return ProvisioningRequest.objects.get(pk=request_id).status
 
 
-def provision_running(owner: AbstractBaseUser, template: GuestTemplate, name: str) -> Any:
+def provision_running(
+    owner: AbstractBaseUser, template: GuestTemplate, name: str, **overrides: Any
+) -> Any:
     """A request taken to running in this process (no worker), through the installer."""
-    request = submit(owner, template, name)
+    request = submit(owner, template, name, **overrides)
     provision.advance(request.pk)
     if status_of(request) == Status.WAITING:
         finish_installer(request)
@@ -130,6 +132,17 @@ def provision_running(owner: AbstractBaseUser, template: GuestTemplate, name: st
     assert status_of(request) == Status.RUNNING, request.error
     request.guest.refresh_from_db()
     return request
+
+
+def page_guest_row(owner: AbstractBaseUser, template: GuestTemplate, **fields: Any) -> Guest:
+    """A running guest's row for page tests (no domain behind it)."""
+    defaults: dict[str, Any] = {
+        "host": template.pool.host if template.pool else Host.objects.get(),
+        "template_version": 1,
+        "mac": "52:54:00:12:34:56",
+        "state": Guest.State.RUNNING,
+    }
+    return Guest.objects.create(owner=owner, template=template, **{**defaults, **fields})
 
 
 def in_threads(count: int, fn: Callable[[], object]) -> list[str]:

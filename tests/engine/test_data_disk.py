@@ -31,6 +31,7 @@ from tests.engine.helpers import (
     MiB,
     hv,
     info_of,
+    page_guest_row,
     provision_running,
     status_of,
     submit,
@@ -205,14 +206,8 @@ def test_a_cancelled_request_removes_the_data_disk_too(
 def test_a_rebuild_keeps_the_data_disk_unless_told_not_to(
     make_user: Any, template: GuestTemplate
 ) -> None:
-    guest = submit(make_user("ann"), template, "dd-rebuild", data_disk_mib=DATA_MIB).guest
-    first = ProvisioningRequest.objects.get(guest=guest)
-    provision.advance(first.pk)
-    operations.shutdown(hv(), str(guest.uuid))
-    provision.request_domain_stopped(first.pk, queue_next=False)
-    provision.advance(first.pk)
-    assert status_of(first) == Status.RUNNING
-    guest.refresh_from_db()
+    ann = make_user("ann")
+    guest = provision_running(ann, template, "dd-rebuild", data_disk_mib=DATA_MIB).guest
 
     kept = rebuild(guest)
     assert kept.keep_data_disk and kept.data_disk_mib == DATA_MIB
@@ -234,13 +229,8 @@ def test_a_rebuild_keeps_the_data_disk_unless_told_not_to(
 def test_a_kept_data_disk_removed_behind_the_portals_back_is_made_anew_and_said_so(
     make_user: Any, template: GuestTemplate
 ) -> None:
-    guest = submit(make_user("ann"), template, "dd-gone", data_disk_mib=DATA_MIB).guest
-    first = ProvisioningRequest.objects.get(guest=guest)
-    provision.advance(first.pk)
-    operations.shutdown(hv(), str(guest.uuid))
-    provision.request_domain_stopped(first.pk, queue_next=False)
-    provision.advance(first.pk)
-    guest.refresh_from_db()
+    ann = make_user("ann")
+    guest = provision_running(ann, template, "dd-gone", data_disk_mib=DATA_MIB).guest
     storage.delete_volume(hv(), POOL, data_volume(guest))
 
     request = rebuild(guest)
@@ -255,12 +245,7 @@ def test_deleting_the_guest_removes_both_disks_unless_kept(
 ) -> None:
     ann = make_user("ann")
     for name, keep in (("dd-del", False), ("dd-keep", True)):
-        request = submit(ann, template, name, data_disk_mib=DATA_MIB)
-        provision.advance(request.pk)
-        operations.shutdown(hv(), str(request.guest.uuid))
-        provision.request_domain_stopped(request.pk, queue_next=False)
-        provision.advance(request.pk)
-        guest = Guest.objects.get(pk=request.guest.pk)
+        guest = provision_running(ann, template, name, data_disk_mib=DATA_MIB).guest
         job = actions.guest_action(guest=guest, kind=Job.Kind.DELETE, by=ann, keep_disk=keep)
         actions.run_job(job.pk)
         assert Job.objects.get(pk=job.pk).status == Job.Status.SUCCEEDED
@@ -281,13 +266,11 @@ def owner_client(guest: Guest) -> Client:
 @pytest.fixture
 def page_guest(make_user: Any, template: GuestTemplate, test_host: Host) -> Guest:
     """A guest row with a data disk (no domain needed) owned by ann."""
-    return Guest.objects.create(
-        owner=make_user("ann"),
+    return page_guest_row(
+        make_user("ann"),
+        template,
         host=test_host,
-        template=template,
-        template_version=1,
         name="dd-page",
-        state=Guest.State.RUNNING,
         disk_mib=64,
         data_disk_mib=DATA_MIB,
     )

@@ -38,6 +38,7 @@ from tests.engine.helpers import (
     hv,
     info_of,
     new_log,
+    page_guest_row,
     provision_running,
     start_proc,
     status_of,
@@ -478,15 +479,7 @@ def test_a_pinned_rebuild_of_a_version_that_was_not_kept_is_refused(
 @pytest.fixture
 def page_guest(make_user: Any, template: GuestTemplate, test_host: Host) -> Guest:
     """A guest row (no domain needed) owned by ann."""
-    return Guest.objects.create(
-        owner=make_user("ann"),
-        host=test_host,
-        template=template,
-        template_version=1,
-        name="page-guest",
-        mac="52:54:00:12:34:56",
-        state=Guest.State.RUNNING,
-    )
+    return page_guest_row(make_user("ann"), template, host=test_host, name="page-guest")
 
 
 def messages_on(response: Any) -> list[str]:
