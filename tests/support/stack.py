@@ -164,8 +164,11 @@ def start_worker(
     queues: Iterable[str] = ("default", "hv.local"),
     name: str = "worker",
     concurrency: int = 2,
+    respawn: bool = False,
 ) -> Proc:
-    argv = [str(VENV_BIN / "celery"), "-A", "vmportal", "worker", "--loglevel", "INFO"]
+    """A Celery worker; with respawn, under scripts/respawn.sh as the Procfile runs it."""
+    argv = [str(ROOT / "scripts" / "respawn.sh")] if respawn else []
+    argv += [str(VENV_BIN / "celery"), "-A", "vmportal", "worker", "--loglevel", "INFO"]
     argv += ["--concurrency", str(concurrency), "--queues", ",".join(queues)]
     argv += ["--hostname", f"{name}-{os.getpid()}@%h", "--without-mingle", "--without-gossip"]
     return Proc(name, argv, env)
