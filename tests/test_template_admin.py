@@ -39,12 +39,7 @@ def test_the_change_page_previews_both_phases(superuser_client: Client, template
 
 def test_saving_a_change_makes_a_new_version(superuser_client: Client, template) -> None:
     url = f"/admin/provisioning/guesttemplate/{template.pk}/change/"
-    form = superuser_client.get(url).context["adminform"].form
-    data = {k: v for k, v in form.initial.items() if v is not None}
-    data.update(
-        description="Now with a description", media=template.media_id, pool=template.pool_id
-    )
-    data = {k: ("on" if v is True else v) for k, v in data.items() if v is not False}
+    data = change_data(superuser_client, template, description="Now with a description")
     response = superuser_client.post(url, data)
     assert response.status_code == 302, response.content.decode()[:2000]
     template.refresh_from_db()
@@ -70,3 +65,37 @@ def test_validate_with_libvirt_names_a_bad_template(superuser_client: Client, te
     )
     assert "Tiny: " in response.content.decode()
     assert "cmdline" in response.content.decode()
+
+
+def change_data(client: Client, template: GuestTemplate, **changes: object) -> dict:
+    """The change form's current values, with changes, as the browser would post them."""
+    url = f"/admin/provisioning/guesttemplate/{template.pk}/change/"
+    form = client.get(url).context["adminform"].form
+    data = {k: v for k, v in form.initial.items() if v is not None}
+    data.update(media=template.media_id, pool=template.pool_id, **changes)
+    return {k: ("on" if v is True else v) for k, v in data.items() if v is not False}
+
+
+def test_the_admin_offers_a_data_disk_and_the_preview_attaches_it_as_vdb(
+    superuser_client: Client, template
+) -> None:
+    url = f"/admin/provisioning/guesttemplate/{template.pk}/change/"
+    data = change_data(superuser_client, template, data_disk_mib_default=32, data_disk_mib_max=64)
+    response = superuser_client.post(url, data)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    template.refresh_from_db()
+    assert (template.data_disk_mib_default, template.data_disk_mib_max) == (32, 64)
+    text = superuser_client.get(url).content.decode()
+    assert "-data.qcow2" in text and "dev=&quot;vdb&quot;" in text
+
+
+def test_the_admin_refuses_a_data_disk_default_above_its_maximum(
+    superuser_client: Client, template
+) -> None:
+    url = f"/admin/provisioning/guesttemplate/{template.pk}/change/"
+    data = change_data(superuser_client, template, data_disk_mib_default=128, data_disk_mib_max=64)
+    response = superuser_client.post(url, data)
+    assert response.status_code == 200
+    assert "The data disk default cannot exceed its maximum." in response.content.decode()
+    template.refresh_from_db()
+    assert template.data_disk_mib_max == 0 and template.version == 1
