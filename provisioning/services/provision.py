@@ -284,6 +284,7 @@ class Plan:
     pool: StoragePool
     volume: str
     domain_type: str | None = None  # None: the host's (probed once)
+    job_id: int | None = None  # the request's provisioning job, when the caller looked it up
 
     @property
     def hv(self) -> Hypervisor:
@@ -391,12 +392,19 @@ def _load(request_id: int) -> ProvisioningRequest:
     ).get(pk=request_id)
 
 
+def _job_id(plan: Plan) -> int | None:
+    if plan.job_id is None:
+        job = _job(plan.request)
+        plan.job_id = job.pk if job is not None else None
+    return plan.job_id
+
+
 def _move(plan: Plan, expected: Status, to: Status, note: str = "", **fields: Any) -> None:
     transitions.request_move(plan.request.pk, expected=expected, to=to, note=note, **fields)
     plan.request.status = to
-    job = _job(plan.request)
-    if job is not None:
-        transitions.job_log(job.pk, note or f"{Status(to).label}", progress=PROGRESS.get(to))
+    job_id = _job_id(plan)
+    if job_id is not None:
+        transitions.job_log(job_id, note or f"{Status(to).label}", progress=PROGRESS.get(to))
 
 
 def _job(request: ProvisioningRequest) -> Job | None:
@@ -434,7 +442,7 @@ def _stop_for_rebuild(plan: Plan) -> None:
     if not info.active:
         return
     now = timezone.now()
-    job = _job(plan.request)
+    job_id = _job_id(plan)
     if plan.request.deadline is None:
         # A paused guest ignores ACPI; the grace period then ends in a forced off.
         with contextlib.suppress(WrongState):
@@ -442,14 +450,14 @@ def _stop_for_rebuild(plan: Plan) -> None:
         ProvisioningRequest.objects.filter(pk=plan.request.pk, status=Status.PREPARING).update(
             deadline=now + REBUILD_SHUTDOWN_GRACE
         )
-        if job is not None:
-            transitions.job_log(job.pk, "Asked the guest to shut down before the rebuild")
+        if job_id is not None:
+            transitions.job_log(job_id, "Asked the guest to shut down before the rebuild")
         raise Later(2.0)
     if plan.request.deadline > now:
         raise Later(2.0)
     operations.destroy(plan.hv, plan.uuid)
-    if job is not None:
-        transitions.job_log(job.pk, "The guest did not shut down in time; forced off")
+    if job_id is not None:
+        transitions.job_log(job_id, "The guest did not shut down in time; forced off")
 
 
 def _create_volume(plan: Plan, name: str, mib: int) -> bool:
@@ -587,10 +595,10 @@ def _start(plan: Plan) -> None:
     # reconcile passes over requests that are final.
     with transaction.atomic():
         _move(plan, Status.STARTING, Status.RUNNING, f"Guest {info.state.value}")
-        job = _job(r)
-        if job is not None:
+        job_id = _job_id(plan)
+        if job_id is not None:
             with contextlib.suppress(transitions.StaleState):  # closed elsewhere: keep the move
-                transitions.job_move(job.pk, expected=Job.Status.RUNNING, to=Job.Status.SUCCEEDED)
+                transitions.job_move(job_id, expected=Job.Status.RUNNING, to=Job.Status.SUCCEEDED)
 
 
 def _noop(status: Status, to: Status) -> Callable[[Plan], None]:
@@ -624,6 +632,7 @@ def advance(request_id: int) -> None:
         faults.checkpoint(f"{request.status}:begin")
         try:
             plan = _plan(request)
+            plan.job_id = job.pk if job is not None else None
             step(plan)
         except transitions.StaleState as exc:
             # Someone else moved it: another worker ran this step, or the user cancelled.
@@ -642,7 +651,12 @@ def advance(request_id: int) -> None:
             # step would fail the same way on every retry, so fail now and clean up.
             fail(request_id, f"it vanished from libvirt: {exc}")
             return
-        request = _load(request_id)
+        # Only the request's own columns change between steps (its guest, host and template
+        # do not): read those again, not the whole joined plan.
+        request.refresh_from_db(fields=_STEP_FIELDS)
+
+
+_STEP_FIELDS = ["status", "deadline", "error", "updated", "completed"]
 
 
 def request_domain_stopped(request_id: int, *, queue_next: bool = True) -> None:

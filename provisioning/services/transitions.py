@@ -250,7 +250,7 @@ def job_move(
         event = JobEvent.objects.create(
             job_id=job_id, kind=JobEvent.Kind.STATE, message=message, progress=progress
         )
-        job = Job.objects.get(pk=job_id)
+        job = Job.objects.select_related("guest").get(pk=job_id)
         _publish_job(job, _job_payload(job, event, previous=left))
     return job
 
@@ -267,7 +267,7 @@ def job_log(
     with transaction.atomic():
         if progress is not None:
             Job.objects.filter(pk=job_id).update(progress=progress)
-        job = Job.objects.get(pk=job_id)
+        job = Job.objects.select_related("guest").get(pk=job_id)
         event = JobEvent.objects.create(
             job=job, kind=JobEvent.Kind(kind), message=message, progress=progress
         )
@@ -310,7 +310,13 @@ def _publish_job(job: Job, payload: Mapping[str, Any]) -> None:
     """A job's news goes to its own channel and to its guest's, where the guest page listens."""
     publish(job_channel(job.pk), payload)
     if job.guest_id is not None:
-        uuid = Guest.objects.values_list("uuid", flat=True).get(pk=job.guest_id)
+        # Callers load the guest with the job (one query); look it up only when they did not.
+        loaded = Job.guest.is_cached(job)
+        uuid = (
+            job.guest.uuid
+            if loaded and job.guest is not None
+            else Guest.objects.values_list("uuid", flat=True).get(pk=job.guest_id)
+        )
         publish(f"vmportal:guest:{uuid}", payload)
 
 
