@@ -17,9 +17,12 @@ log = logging.getLogger(__name__)
 
 
 def domain_changed(*, host: Host, uuid: str, info: DomainInfo | None = None) -> None:
-    """Apply libvirt's view of one domain: the guest row, a waiting install, a shutdown job."""
-    if info is None:
-        info = operations.get_info(get_hypervisor(host.uri), uuid)
+    """Apply libvirt's view of one domain: the guest row, a waiting install, a shutdown job.
+
+    libvirt is read after the checks below, so a state read mid-way through a job (a restore
+    runs paused while it loads; a migrating guest is paused and undefined as it leaves) never
+    lands on the row after the job recorded how it left the guest.
+    """
     guest = Guest.objects.filter(host=host, uuid=uuid).first()
     if guest is None:
         return
@@ -28,6 +31,8 @@ def domain_changed(*, host: Host, uuid: str, info: DomainInfo | None = None) -> 
     ).first()
     if waiting is not None:
         # The installer's run is not the guest's state yet; the request decides what it means.
+        if info is None:
+            info = operations.get_info(get_hypervisor(host.uri), uuid)
         if not info.active:
             provision.request_domain_stopped(waiting.pk)
         return
@@ -36,10 +41,13 @@ def domain_changed(*, host: Host, uuid: str, info: DomainInfo | None = None) -> 
     )
     if in_flight.exists():
         return  # the provisioning steps record the state themselves when they finish
-    if Job.objects.filter(guest=guest, kind=Job.Kind.MIGRATE, status=Job.Status.RUNNING).exists():
-        # The source pauses and undefines it as it leaves; the row must not say "gone" meanwhile.
-        # The migration records where and how the guest is when it ends.
+    working = Job.objects.filter(guest=guest, status=Job.Status.RUNNING)
+    if working.exclude(kind=Job.Kind.SHUTDOWN).exists():
+        # A running job (a migration too) records the state it leaves when it ends. A shutdown
+        # job is different: it waits for exactly this event to end.
         return
+    if info is None:
+        info = operations.get_info(get_hypervisor(host.uri), uuid)
     guest_sync_state(host=host, info=info)
     if not info.active:
         actions.job_domain_stopped(guest, info)

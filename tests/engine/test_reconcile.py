@@ -309,3 +309,36 @@ def test_a_pass_lists_the_hosts_domains_once_and_repairs_everything_from_that_li
 
     events.reconcile_host(test_host)
     assert counter.calls == 2
+
+
+# --- events while a job runs ---------------------------------------------------------------------
+
+
+def test_an_event_while_a_job_runs_leaves_the_row_to_the_job(
+    make_user: Any, test_host: Host, kernel_template: GuestTemplate
+) -> None:
+    guest = provision_running(make_user("ann"), kernel_template, "ev-job").guest
+    job = transitions.job_open(kind=Job.Kind.RESTORE, guest=guest)
+    transitions.job_move(job.pk, expected=Job.Status.QUEUED, to=Job.Status.RUNNING)
+    # A restore is paused while it loads: an event read then must not land after the job's end.
+    operations.suspend(hv(), str(guest.uuid))
+
+    events.domain_changed(host=test_host, uuid=str(guest.uuid))
+    assert row(guest).state == Guest.State.RUNNING
+
+    transitions.job_move(job.pk, expected=Job.Status.RUNNING, to=Job.Status.SUCCEEDED)
+    events.domain_changed(host=test_host, uuid=str(guest.uuid))
+    assert row(guest).state == Guest.State.PAUSED  # with no job, events apply again
+
+
+def test_a_shutdown_job_still_hears_the_guest_stop(
+    make_user: Any, test_host: Host, kernel_template: GuestTemplate
+) -> None:
+    guest = provision_running(make_user("ann"), kernel_template, "ev-shut").guest
+    job = shutdown_job(guest, deadline_in=60)
+    operations.shutdown(hv(), str(guest.uuid))  # the test driver powers off at once
+
+    events.domain_changed(host=test_host, uuid=str(guest.uuid))
+    assert row(guest).state == Guest.State.DEFINED
+    job.refresh_from_db()
+    assert job.status == Job.Status.SUCCEEDED
