@@ -104,12 +104,16 @@ class Stack:
 
 def point_celery_at(url: str) -> None:
     """Send this process's tasks to the broker at url (the app caches its connections)."""
+    from kombu import pools
+
     from vmportal.celery import app
 
     app.conf.broker_url = url
-    if app._pool is not None:
-        app._pool.force_close_all()
-        app._pool = None
+    # The app's pools are kombu's process-wide ones, kept per broker URL. Closing one but leaving
+    # it registered made a later test whose Redis got the same port (or the suite's own Redis,
+    # pointed at again) fail with "Acquire on closed pool": close them all and forget them.
+    pools.reset()
+    app._pool = None
     app.amqp._producer_pool = None
 
 
