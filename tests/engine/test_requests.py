@@ -80,6 +80,12 @@ def assert_nothing_left(request: ProvisioningRequest) -> None:
     """No domain, no volume, and a guest row that says undefined."""
     guest = request.guest
     assert guest is not None
+    # The failure is committed first and its clean-up follows it: wait for that to finish.
+    wait_until(
+        lambda: Guest.objects.get(pk=guest.pk).state == Guest.State.UNDEFINED,
+        timeout=15,
+        what=f"{guest.name}'s clean-up",
+    )
     guest.refresh_from_db()
     assert not info_of(guest).exists
     assert domains_named(guest.name) == []
