@@ -432,7 +432,7 @@ def test_a_libvirtd_restart_while_waiting_fails_the_request_cleanly_and_the_list
 def test_a_request_made_while_redis_is_down_is_recorded_and_completes_later(
     rig: Rig, hv: Hypervisor, make_user, kernel_template: GuestTemplate, caplog
 ) -> None:
-    rig.start("worker")
+    rig.start("worker", respawn=True)  # as the Procfile runs it (see the Redis-restart test)
     rig.start("beat")
     owner = make_user("kim")
     client = Client()
@@ -480,7 +480,7 @@ def test_a_redis_restart_while_waiting_loses_no_request(
 def test_redis_down_when_the_installer_finishes_delays_the_request_but_loses_nothing(
     rig: Rig, hv: Hypervisor, make_user, kernel_template: GuestTemplate
 ) -> None:
-    rig.start("worker")
+    rig.start("worker", respawn=True)  # as the Procfile runs it (see the Redis-restart test)
     rig.start("listener")
     rig.start("beat")
     request = submit(make_user("kim"), kernel_template, "rdl1")
