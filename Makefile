@@ -17,6 +17,7 @@ lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy vmportal provisioning
+	.venv/bin/lint-imports
 
 fmt: setup
 	.venv/bin/ruff format .

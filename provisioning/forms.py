@@ -27,26 +27,20 @@ class NewGuestForm(forms.Form):
     def __init__(self, *args: Any, template: GuestTemplate, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.template = template
-        for field in ("vcpus", "memory_mib", "disk_mib"):
-            low, default, high = (
-                getattr(template, f"{field}_{k}") for k in ("min", "default", "max")
-            )
-            f = self.fields[field]
+        for name in GuestTemplate.SIZES:
+            low, default, high = template.size_range(name)
+            if name == "data_disk_mib" and not high:
+                del self.fields[name]  # this template offers no data disk
+                continue
+            f = self.fields[name]
             assert isinstance(f, forms.IntegerField)
             f.min_value, f.max_value, f.initial = low, high, default
-            f.validators.append(_range_validator(low, high))
+            f.validators.append(_range_validator(template, name))
             f.widget.attrs.update(min=low, max=high)
             f.help_text = f"{low} to {high}"
-        most = template.data_disk_mib_max
-        if most:
-            f = self.fields["data_disk_mib"]
-            assert isinstance(f, forms.IntegerField)
-            f.max_value, f.initial = most, template.data_disk_mib_default
-            f.validators.append(_range_validator(0, most))
-            f.widget.attrs.update(min=0, max=most)
-            f.help_text = f"0 (none) to {most}; a rebuild can keep it"
-        else:
-            del self.fields["data_disk_mib"]
+        if "data_disk_mib" in self.fields:
+            most = template.data_disk_mib_max
+            self.fields["data_disk_mib"].help_text = f"0 (none) to {most}; a rebuild can keep it"
         transient = template.lifecycle == GuestTemplate.Lifecycle.TRANSIENT
         self.fields["start_paused"].initial = template.start_paused
         self.fields["autostart"].initial = template.autostart
@@ -70,9 +64,10 @@ class NewGuestForm(forms.Form):
         )
 
 
-def _range_validator(low: int, high: int) -> Any:
+def _range_validator(template: GuestTemplate, field: str) -> Any:
     def check(value: int) -> None:
-        if not low <= value <= high:
-            raise forms.ValidationError(f"Pick between {low} and {high}.")
+        problem = template.size_problem(field, value)
+        if problem:
+            raise forms.ValidationError(problem)
 
     return check

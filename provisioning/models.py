@@ -257,13 +257,34 @@ class GuestTemplate(models.Model):
             ),
         ]
 
+    # What users pick within the template's ranges; the data disk's minimum is 0 (none).
+    SIZES = ("vcpus", "memory_mib", "disk_mib", "data_disk_mib")
+
     def __str__(self) -> str:
         return f"{self.name} (v{self.version})"
 
+    def size_range(self, field: str) -> tuple[int, int, int]:
+        """(minimum, default, maximum) of one of SIZES."""
+        if field == "data_disk_mib":
+            return 0, self.data_disk_mib_default, self.data_disk_mib_max
+        low, default, high = (getattr(self, f"{field}_{k}") for k in ("min", "default", "max"))
+        return int(low), int(default), int(high)
+
+    def size_problem(self, field: str, value: int) -> str | None:
+        """Why `value` is not a size users may pick for `field`, or None when it is."""
+        low, _default, high = self.size_range(field)
+        if field == "data_disk_mib" and value and not high:
+            return "This template offers no data disk."
+        if low <= value <= high:
+            return None
+        unit = "" if field == "vcpus" else " MiB"
+        least = "0 (none)" if field == "data_disk_mib" else str(low)
+        return f"Pick between {least} and {high}{unit}."
+
     def clean(self) -> None:
         errors: dict[str, str] = {}
-        for field in ("vcpus", "memory_mib", "disk_mib"):
-            low, default, high = (getattr(self, f"{field}_{k}") for k in ("min", "default", "max"))
+        for field in self.SIZES:
+            low, default, high = self.size_range(field)
             if not low <= default <= high:
                 errors[f"{field}_default"] = "The default must lie between the minimum and maximum."
         needs: dict[str, str] = {
@@ -273,8 +294,6 @@ class GuestTemplate(models.Model):
         wanted = needs.get(self.method)
         if wanted and (self.media is None or self.media.kind != wanted):
             errors["media"] = f"This method needs media of kind '{Media.Kind(wanted).label}'."
-        if self.data_disk_mib_default > self.data_disk_mib_max:
-            errors["data_disk_mib_default"] = "The data disk default cannot exceed its maximum."
         if self.method == self.Method.PXE and self.network is None:
             errors["network"] = "PXE installs need a network."
         if self.method == self.Method.IMPORT and not self.base_volume:
@@ -353,7 +372,22 @@ class ProvisioningRequest(models.Model):
         FAILED = "failed", "Failed"
         CANCELLED = "cancelled", "Cancelled"
 
+    # The status sets every module reads (the transitions table checks itself against them).
     FINAL = frozenset({Status.RUNNING, Status.FAILED, Status.CANCELLED})
+
+    # Admitted and being built: its guest counts against quotas as if it existed.
+    BUILDING = (
+        Status.ADMITTED,
+        Status.PREPARING,
+        Status.INSTALLING,
+        Status.WAITING,
+        Status.DEFINING,
+        Status.STARTING,
+    )
+    # Not final: the request may still move, fail or be cancelled.
+    ACTIVE = (Status.PENDING, *BUILDING)
+    # The installer's run: its serial console is followed onto the job's log.
+    INSTALLER_RUNS = (Status.INSTALLING, Status.WAITING)
 
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="provisioning_requests"
@@ -418,7 +452,7 @@ class Job(models.Model):
         AUTOSTART_ON = "autostart_on", "Autostart on"
         AUTOSTART_OFF = "autostart_off", "Autostart off"
         DELETE = "delete", "Delete"
-        REPROVISION = "reprovision", "Reprovision"
+        REBUILD = "rebuild", "Rebuild"
         MIGRATE = "migrate", "Migrate"
 
     class Status(models.TextChoices):
@@ -429,6 +463,9 @@ class Job(models.Model):
         CANCELLED = "cancelled", "Cancelled"
 
     ACTIVE = (Status.QUEUED, Status.RUNNING)
+    FINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
+    # The jobs a provisioning request runs under: its steps move them, not run_job.
+    FOR_REQUESTS = (Kind.PROVISION, Kind.REBUILD)
 
     kind = models.CharField(max_length=16, choices=Kind)
     status = models.CharField(max_length=10, choices=Status, default=Status.QUEUED, db_index=True)

@@ -17,8 +17,9 @@ from django.middleware.csrf import get_token
 from django.shortcuts import get_object_or_404
 from django.template.loader import render_to_string
 
-from .models import Guest, Host, ProvisioningRequest
-from .services import placement
+from . import selectors
+from .channels import GUESTS, guest_channel, job_channel, owner_channel, request_channel
+from .models import Guest, ProvisioningRequest
 
 log = logging.getLogger(__name__)
 KEEPALIVE_SECONDS = 15.0
@@ -130,18 +131,12 @@ def _sse(stream: AsyncIterator[bytes]) -> StreamingHttpResponse:
     return response
 
 
-async def _user(request: HttpRequest) -> Any:
-    return await request.auser()
-
-
 @login_required
 def request_events(request: HttpRequest, pk: int) -> StreamingHttpResponse:
     """The request page's live status (htmx SSE)."""
-    from .views import _request_context, _requests_of
-
-    req = get_object_or_404(_requests_of(request), pk=pk)
-    job = req.jobs.order_by("-created").values_list("pk", flat=True).first()
-    channels = [f"vmportal:request:{req.pk}"] + ([f"vmportal:job:{job}"] if job else [])
+    req = get_object_or_404(selectors.requests_of(request.user), pk=pk)
+    job = selectors.request_job(req)
+    channels = [request_channel(req.pk)] + ([job_channel(job.pk)] if job else [])
 
     token = get_token(request)
     done = req.is_final
@@ -150,7 +145,7 @@ def request_events(request: HttpRequest, pk: int) -> StreamingHttpResponse:
     def render_shared() -> tuple[str, bool]:
         # Nothing of the watcher goes in, so every watcher can be sent this one render.
         fresh = ProvisioningRequest.objects.select_related("template", "host", "guest").get(pk=pk)
-        context = {**_request_context(fresh), "csrf_token": _CSRF_SLOT}
+        context = {**selectors.request_status(fresh), "csrf_token": _CSRF_SLOT}
         html = render_to_string("provisioning/request_detail.html#request-status", context)
         return html, fresh.is_final
 
@@ -171,41 +166,34 @@ def request_events(request: HttpRequest, pk: int) -> StreamingHttpResponse:
 @login_required
 def guest_events(request: HttpRequest, uuid: str) -> StreamingHttpResponse:
     """The guest page's live state, actions and jobs (htmx SSE)."""
-    from .views import _guest_context, _guests_of
-
-    guest = get_object_or_404(_guests_of(request), uuid=uuid)
+    guest = get_object_or_404(selectors.guests_of(request.user), uuid=uuid)
 
     @_in_thread
     def render(_message: bytes | None) -> list[tuple[str, str]]:
         fresh = Guest.objects.select_related("host", "template", "owner").get(pk=guest.pk)
         html = render_to_string(
-            "provisioning/guest_detail.html#guest-status", _guest_context(fresh), request=request
+            "provisioning/guest_detail.html#guest-status",
+            selectors.guest_status(fresh),
+            request=request,
         )
         return [("status", html)]
 
-    return _sse(_stream([f"vmportal:guest:{guest.uuid}"], render))
+    return _sse(_stream([guest_channel(guest.uuid)], render))
 
 
 @login_required
 def dashboard_events(request: HttpRequest) -> StreamingHttpResponse:
     """Live state badges for the dashboard's guest rows."""
-    channel = "vmportal:guests" if request.user.is_staff else f"vmportal:owner:{request.user.pk}"
-    owner_id = None if request.user.is_staff else request.user.pk
+    owner_id = None if request.user.is_staff else int(request.user.pk or 0)
+    channel = GUESTS if owner_id is None else owner_channel(owner_id)
     last: dict[str, str] = {}
 
     @_in_thread
     def render(_message: bytes | None) -> list[tuple[str, str]]:
         # Every row on connecting (the page may be older than the stream), then only rows whose
-        # state changed since the last look. Rows of a silent host keep the page's "unreachable".
-        down = [h.pk for h in Host.objects.only("pk", "last_seen") if placement.host_is_down(h)]
-        guests = Guest.objects.exclude(state=Guest.State.UNDEFINED).exclude(host_id__in=down)
-        if owner_id is not None:
-            guests = guests.filter(owner_id=owner_id)
+        # state changed since the last look.
         changed: list[tuple[str, str]] = []
-        for uuid, state, reason, display in (
-            (str(g.uuid), g.state, g.state_reason, g.get_state_display())
-            for g in guests.only("uuid", "state", "state_reason").order_by("-state_changed")[:500]
-        ):
+        for uuid, state, reason, display in selectors.guest_badges(owner_id=owner_id):
             key = f"{state}/{reason}"
             if last.get(uuid) == key:
                 continue

@@ -96,6 +96,6 @@ def test_the_admin_refuses_a_data_disk_default_above_its_maximum(
     data = change_data(superuser_client, template, data_disk_mib_default=128, data_disk_mib_max=64)
     response = superuser_client.post(url, data)
     assert response.status_code == 200
-    assert "The data disk default cannot exceed its maximum." in response.content.decode()
+    assert "The default must lie between the minimum and maximum." in response.content.decode()
     template.refresh_from_db()
     assert template.data_disk_mib_max == 0 and template.version == 1

@@ -13,14 +13,14 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
 
-from provisioning.hypervisor import operations, storage
+from provisioning import queue
+from provisioning.hypervisor import domxml, operations, storage
 from provisioning.hypervisor.connection import Hypervisor, get_hypervisor
 from provisioning.hypervisor.errors import HypervisorError, NotFound, WrongState
 from provisioning.hypervisor.types import DomainInfo
 from provisioning.models import Guest, Job
 from provisioning.services import transitions
 from provisioning.services.guests import guest_sync_state
-from provisioning.services.provision import send_task
 
 log = logging.getLogger(__name__)
 K = Job.Kind
@@ -57,18 +57,20 @@ def allowed_actions(guest: Guest) -> list[str]:
 
 def guest_action(*, guest: Guest, kind: str, by: AbstractBaseUser | None, **options: Any) -> Job:
     """Open a job for the action (GuestBusy if another runs) and queue it after commit."""
-    from provisioning import tasks
-
     if kind not in allowed_actions(guest):
         raise ActionRefused(
             f"{Job.Kind(kind).label} is not possible while {guest.name} is "
             f"{guest.get_state_display().lower()}"
         )
     with transaction.atomic():
-        job = transitions.job_open(kind=Job.Kind(kind), guest=guest, created_by=by, data=options)
-        transitions.job_log(job.pk, f"{job.get_kind_display()} requested")
-        queue = guest.host.queue
-        transaction.on_commit(lambda: send_task(tasks.run_job, (job.pk,), queue=queue))
+        job = transitions.job_open(
+            kind=Job.Kind(kind),
+            guest=guest,
+            created_by=by,
+            data=options,
+            note=f"{Job.Kind(kind).label} requested",
+        )
+        queue.send_on_commit(queue.RUN_JOB, job.pk, queue=guest.host.queue)
     return job
 
 
@@ -95,9 +97,7 @@ def _delete(hv: Hypervisor, guest: Guest, keep_disk: bool = False) -> DomainInfo
     uuid = str(guest.uuid)
     volumes = []
     try:
-        from provisioning.hypervisor.domxml import parse_untrusted
-
-        root = parse_untrusted(operations.get_xml(hv, uuid, inactive=True))
+        root = domxml.parse_untrusted(operations.get_xml(hv, uuid, inactive=True))
         volumes = [
             (s.get("pool"), s.get("volume"))
             for s in root.iterfind("devices/disk[@device='disk']/source")
@@ -131,46 +131,62 @@ ACTIONS: dict[str, Callable[..., DomainInfo]] = {
 
 def run_job(job_id: int) -> None:
     """Run one queued lifecycle job: claim it, call libvirt, record the guest's new state."""
+    job = Job.objects.select_related("guest__host").get(pk=job_id)
+    guest = job.guest
+    uuid = guest.uuid if guest is not None else ""
     try:
-        job = transitions.job_move(job_id, expected=Job.Status.QUEUED, to=Job.Status.RUNNING)
+        transitions.job_move(
+            job_id,
+            expected=Job.Status.QUEUED,
+            to=Job.Status.RUNNING,
+            progress=job.progress,
+            guest_uuid=uuid,
+        )
     except transitions.StaleState:
         return  # another worker has it, or it was cancelled
-    if job.guest_id is None:
+    if guest is None:
         transitions.job_move(
             job_id, expected=Job.Status.RUNNING, to=Job.Status.FAILED, error="no guest"
         )
         return
-    guest = Guest.objects.select_related("host").get(pk=job.guest_id)
     hv = get_hypervisor(guest.host.uri)
+
+    def end(to: Job.Status, error: str = "") -> None:
+        transitions.job_move(
+            job_id, expected=Job.Status.RUNNING, to=to, error=error, guest_uuid=guest.uuid
+        )
+
     try:
         info = ACTIONS[job.kind](hv, guest, **job.data)
     except (WrongState, NotFound) as exc:
         # The guest is not where the portal thought: record the truth and say so.
-        guest_sync_state(host=guest.host, info=operations.get_info(hv, str(guest.uuid)))
-        transitions.job_move(
-            job_id, expected=Job.Status.RUNNING, to=Job.Status.FAILED, error=str(exc)
+        guest_sync_state(
+            host=guest.host, info=operations.get_info(hv, str(guest.uuid)), guest=guest
         )
+        end(Job.Status.FAILED, str(exc))
         return
     except HypervisorError as exc:
-        transitions.job_move(
-            job_id, expected=Job.Status.RUNNING, to=Job.Status.FAILED, error=str(exc)
-        )
+        end(Job.Status.FAILED, str(exc))
         raise
-    guest_sync_state(host=guest.host, info=info)
     if job.kind == K.SHUTDOWN and info.active:
+        guest_sync_state(host=guest.host, info=info, guest=guest)
         # The guest powers off in its own time; the listener (or reconcile) ends the job.
         deadline = timezone.now() + timedelta(
             seconds=job.data.get("timeout", SHUTDOWN_TIMEOUT.seconds)
         )
         Job.objects.filter(pk=job_id).update(deadline=deadline)
-        transitions.job_log(job_id, "Asked the guest to shut down", progress=50)
+        transitions.job_log(job_id, "Asked the guest to shut down", progress=50, guest_uuid=uuid)
         # The guest may have stopped (and the listener come and gone) meanwhile: look again.
         info = operations.get_info(hv, str(guest.uuid))
         if not info.active:
-            guest_sync_state(host=guest.host, info=info)
+            guest_sync_state(host=guest.host, info=info, guest=guest)
             job_domain_stopped(guest, info)
         return
-    transitions.job_move(job_id, expected=Job.Status.RUNNING, to=Job.Status.SUCCEEDED)
+    # The guest's new state and the job's end in one commit, so no page shows one without
+    # the other.
+    with transaction.atomic():
+        guest_sync_state(host=guest.host, info=info, guest=guest)
+        end(Job.Status.SUCCEEDED)
 
 
 def job_domain_stopped(guest: Guest, info: DomainInfo) -> None:
@@ -187,8 +203,6 @@ def reconcile_jobs(
 ) -> None:
     """Finish shutdown jobs whose guest stopped, force or fail those past their deadline; fail
     jobs whose worker died mid-run and queue again those whose message was lost."""
-    from provisioning import tasks
-
     now = timezone.now()
     lost = now - timedelta(seconds=settings.TASK_HARD_TIME_LIMIT + 30)
     migration_limit = settings.MIGRATION_TIME_LIMIT + 30
@@ -196,7 +210,7 @@ def reconcile_jobs(
         Job.objects.filter(
             status=Job.Status.RUNNING, started__lt=lost, guest__uuid__in=list(guests)
         )
-        .exclude(kind__in=(K.SHUTDOWN, K.PROVISION, K.REPROVISION))
+        .exclude(kind__in=(K.SHUTDOWN, *Job.FOR_REQUESTS))
         .exclude(kind=K.MIGRATE, started__gte=now - timedelta(seconds=migration_limit))
     ):
         transitions.job_move(
@@ -210,12 +224,12 @@ def reconcile_jobs(
         )
         # Requests' jobs are moved on by their request's steps (re-queued by reconcile_requests);
         # run_job has no action for them.
-        .exclude(kind__in=(K.PROVISION, K.REPROVISION))
+        .exclude(kind__in=Job.FOR_REQUESTS)
         .select_related("guest__host")
     ):
         assert job.guest is not None
-        task = tasks.run_migration if job.kind == K.MIGRATE else tasks.run_job
-        send_task(task, (job.pk,), queue=job.guest.host.queue)
+        task = queue.RUN_MIGRATION if job.kind == K.MIGRATE else queue.RUN_JOB
+        queue.send(task, job.pk, queue=job.guest.host.queue)
     for job in Job.objects.filter(
         kind=K.SHUTDOWN, status=Job.Status.RUNNING, guest__uuid__in=list(guests)
     ).select_related("guest"):

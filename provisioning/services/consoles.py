@@ -13,7 +13,6 @@ from provisioning.services import transitions
 log = logging.getLogger(__name__)
 POLL_EVERY = 0.5
 MAX_CHUNK = 16 * 1024
-TAILED = [ProvisioningRequest.Status.INSTALLING, ProvisioningRequest.Status.WAITING]
 
 
 def console_log_path(guest_uuid: object) -> Path:
@@ -45,7 +44,9 @@ class ConsoleTailer:
         # installs waiting, a query per install every half second kept the listener busy.
         active = (
             ProvisioningRequest.objects.filter(
-                host_id__in=self.host_ids, status__in=TAILED, jobs__kind=Job.Kind.PROVISION
+                host_id__in=self.host_ids,
+                status__in=ProvisioningRequest.INSTALLER_RUNS,
+                jobs__kind__in=Job.FOR_REQUESTS,
             )
             .order_by("pk", "jobs__pk")
             .values_list("pk", "guest__uuid", "jobs__pk")

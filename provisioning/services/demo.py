@@ -46,7 +46,7 @@ def demo_seed(*, host: Host, log: Callable[[str], None] = print) -> GuestTemplat
     _publish(guest.initrd, initrd)
 
     storage.ensure_dir_pool(get_hypervisor(host.uri), DEMO_POOL_NAME, str(DEMO_POOL_PATH))
-    domain_type = host_domain_type(host=host)
+    domain_type = host_domain_type(host=host, kernel=(str(kernel), str(initrd)))
     log(f"demo: guests on {host} run with domain type '{domain_type}'")
 
     with transaction.atomic():

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 
 from django.conf import settings
+from django.db.models import Exists, OuterRef, Subquery
 
 from provisioning.hypervisor import operations
 from provisioning.hypervisor.connection import get_hypervisor
 from provisioning.hypervisor.types import DomainInfo
 from provisioning.models import Guest, Host, Job, ProvisioningRequest
 from provisioning.services import actions, provision
-from provisioning.services.guests import guest_sync_state
+from provisioning.services.guests import guest_agrees, guest_sync_state
 
 log = logging.getLogger(__name__)
 
@@ -23,32 +24,39 @@ def domain_changed(*, host: Host, uuid: str, info: DomainInfo | None = None) -> 
     runs paused while it loads; a migrating guest is paused and undefined as it leaves) never
     lands on the row after the job recorded how it left the guest.
     """
-    guest = Guest.objects.filter(host=host, uuid=uuid).first()
+    requests = ProvisioningRequest.objects.filter(guest=OuterRef("pk"))
+    guest = (
+        Guest.objects.filter(host=host, uuid=uuid)
+        .annotate(
+            waiting=Subquery(
+                requests.filter(status=ProvisioningRequest.Status.WAITING).values("pk")[:1]
+            ),
+            building=Exists(requests.filter(status__in=ProvisioningRequest.ACTIVE)),
+            # A running job (a migration too) records the state it leaves when it ends. A
+            # shutdown job is different: it waits for exactly this event to end.
+            working=Exists(
+                Job.objects.filter(guest=OuterRef("pk"), status=Job.Status.RUNNING).exclude(
+                    kind=Job.Kind.SHUTDOWN
+                )
+            ),
+        )
+        .first()
+    )
     if guest is None:
         return
-    waiting = ProvisioningRequest.objects.filter(
-        guest=guest, status=ProvisioningRequest.Status.WAITING
-    ).first()
-    if waiting is not None:
+    if guest.waiting is not None:
         # The installer's run is not the guest's state yet; the request decides what it means.
         if info is None:
             info = operations.get_info(get_hypervisor(host.uri), uuid)
         if not info.active:
-            provision.request_domain_stopped(waiting.pk)
+            provision.request_domain_stopped(guest.waiting, info=info)
         return
-    in_flight = ProvisioningRequest.objects.filter(
-        guest=guest, status__in=provision._ACTIVE_STATUSES
-    )
-    if in_flight.exists():
-        return  # the provisioning steps record the state themselves when they finish
-    working = Job.objects.filter(guest=guest, status=Job.Status.RUNNING)
-    if working.exclude(kind=Job.Kind.SHUTDOWN).exists():
-        # A running job (a migration too) records the state it leaves when it ends. A shutdown
-        # job is different: it waits for exactly this event to end.
-        return
+    if guest.building or guest.working:
+        return  # the steps or the job record the state themselves when they finish
     if info is None:
         info = operations.get_info(get_hypervisor(host.uri), uuid)
-    guest_sync_state(host=host, info=info)
+    if not guest_agrees(guest, info):
+        guest_sync_state(host=host, info=info, guest=guest)
     if not info.active:
         actions.job_domain_stopped(guest, info)
 
@@ -71,7 +79,7 @@ def reconcile_host(host: Host) -> dict[str, int]:
     guests = {str(g.uuid): g for g in Guest.objects.filter(host=host)}
     busy = set(
         ProvisioningRequest.objects.filter(
-            host=host, status__in=provision._ACTIVE_STATUSES
+            host=host, status__in=ProvisioningRequest.ACTIVE
         ).values_list("guest__uuid", flat=True)
     )
     # A guest on the move is recorded by its migration when that ends (see domain_changed).

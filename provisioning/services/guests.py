@@ -4,35 +4,44 @@ from __future__ import annotations
 
 from django.utils import timezone
 
+from provisioning.channels import GUESTS, guest_channel, owner_channel
 from provisioning.hypervisor.types import DomainInfo
 from provisioning.models import Guest, Host
 from provisioning.services import transitions
 
 
-def guest_sync_state(*, host: Host, info: DomainInfo) -> bool:
-    """Record libvirt's view of one domain on its Guest row; False when the portal has none."""
-    updated = (
-        Guest.objects.filter(host=host, uuid=info.uuid)
-        .exclude(
-            state=info.state.value,
-            state_reason=info.reason[:32],
-            persistent=info.persistent,
-            autostart=info.autostart,
-        )
-        .update(
-            state=info.state.value,
-            state_reason=info.reason[:32],
-            persistent=info.persistent,
-            autostart=info.autostart,
-            state_changed=timezone.now(),
-        )
-    )
-    if updated:
-        payload = {"guest": info.uuid, "state": info.state.value, "reason": info.reason}
-        owner_id = Guest.objects.filter(host=host, uuid=info.uuid).values_list(
-            "owner_id", flat=True
-        )
-        owners = [f"vmportal:owner:{owner}" for owner in owner_id]
-        for channel in (f"vmportal:guest:{info.uuid}", "vmportal:guests", *owners):
-            transitions.publish(channel, payload)
-    return bool(updated) or Guest.objects.filter(host=host, uuid=info.uuid).exists()
+def _state_of(info: DomainInfo) -> dict[str, object]:
+    return {
+        "state": info.state.value,
+        "state_reason": info.reason[:32],
+        "persistent": info.persistent,
+        "autostart": info.autostart,
+    }
+
+
+def guest_agrees(guest: Guest, info: DomainInfo) -> bool:
+    """Whether the row (as loaded) already says what libvirt says."""
+    return all(getattr(guest, k) == v for k, v in _state_of(info).items())
+
+
+def guest_sync_state(*, host: Host, info: DomainInfo, guest: Guest | None = None) -> bool:
+    """Record libvirt's view of one domain on its Guest row; False when the portal has none.
+
+    `guest` is the row when the caller has it loaded (it spares a look-up).
+    """
+    rows = Guest.objects.filter(host=host, uuid=info.uuid)
+    state = _state_of(info)
+    updated = rows.exclude(**state).update(**state, state_changed=timezone.now())
+    mine = guest is not None and str(guest.uuid) == info.uuid and guest.host_id == host.pk
+    if mine:
+        for name, value in state.items():
+            setattr(guest, name, value)
+    if not updated:
+        return mine or rows.exists()
+    owners = [guest.owner_id] if mine and guest else list(rows.values_list("owner_id", flat=True))
+    news = transitions.News()
+    payload = {"guest": info.uuid, "state": info.state.value, "reason": info.reason}
+    for channel in (guest_channel(info.uuid), GUESTS, *map(owner_channel, owners)):
+        news.add(channel, payload)
+    news.send_on_commit()
+    return True

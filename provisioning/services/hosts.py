@@ -7,10 +7,9 @@ from pathlib import Path
 
 from django.conf import settings
 
-from provisioning.demo import tinyguest
 from provisioning.hypervisor import probe
 from provisioning.hypervisor.connection import get_hypervisor
-from provisioning.models import Host
+from provisioning.models import Host, Media
 
 log = logging.getLogger(__name__)
 LOCAL_HOST_NAME = "local"
@@ -26,8 +25,24 @@ def host_ensure_local() -> Host:
     return host
 
 
-def host_domain_type(*, host: Host) -> str:
-    """kvm or qemu for this host: forced by setting or admin, else probed once and remembered."""
+def _registered_kernel() -> tuple[str, str] | None:
+    """A kernel and initrd an admin registered as media: any Linux kernel prints its banner."""
+    media = (
+        Media.objects.filter(kind=Media.Kind.KERNEL)
+        .exclude(kernel_path="")
+        .exclude(initrd_path="")
+        .order_by("pk")
+        .first()
+    )
+    return (media.kernel_path, media.initrd_path) if media else None
+
+
+def host_domain_type(*, host: Host, kernel: tuple[str, str] | None = None) -> str:
+    """kvm or qemu for this host: forced by setting or admin, else probed once and remembered.
+
+    The probe boots `kernel` (a kernel and initrd path on the host), or else a kernel that is
+    registered as media.
+    """
     forced = settings.VMPORTAL_DOMAIN_TYPE
     if forced in ("kvm", "qemu"):
         return str(forced)
@@ -36,16 +51,16 @@ def host_domain_type(*, host: Host) -> str:
     if host.detected_domain_type:
         return host.detected_domain_type
     hv = get_hypervisor(host.uri)
-    guest = tinyguest.cached(settings.DEMO_DIR)
+    kernel = kernel or _registered_kernel()
     if "kvm" not in hv.capabilities_domain_types():
         works = False
-    elif guest is None:
+    elif kernel is None:
         # Without a kernel to boot, trust the capabilities (and do not remember the guess).
-        log.warning("host %s: no probe kernel built yet; assuming KVM works", host)
+        log.warning("host %s: no kernel registered to probe with yet; assuming KVM works", host)
         return "kvm"
     else:
         console = Path(settings.CONSOLE_LOG_DIR) / f"vmportal-kvm-probe-{host.name}.log"
-        works = probe.probe_kvm(hv, guest.kernel, guest.initrd, console)
+        works = probe.probe_kvm(hv, kernel[0], kernel[1], console)
     detected = "kvm" if works else "qemu"
     log.info("host %s: KVM %s; guests use type %s", host, "works" if works else "fails", detected)
     Host.objects.filter(pk=host.pk).update(detected_domain_type=detected)

@@ -9,15 +9,14 @@ from typing import Any
 from django.contrib.auth.models import User
 from django.db import transaction
 
-from provisioning.hypervisor import operations
+from provisioning import queue
+from provisioning.hypervisor import migration, operations
 from provisioning.hypervisor.connection import get_hypervisor
 from provisioning.hypervisor.errors import HypervisorError
 from provisioning.hypervisor.types import DomainInfo
 from provisioning.models import Guest, Host, Job, ProvisioningRequest, StoragePool
 from provisioning.services import placement, transitions
 from provisioning.services.guests import guest_sync_state
-from provisioning.services.provision import send_task
-from provisioning.services.quotas import IN_FLIGHT
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.5
@@ -42,13 +41,12 @@ def migration_start(
 
     bandwidth_mib caps the transfer (MiB/s), e.g. to spare a busy network; None: no cap.
     """
-    from provisioning import tasks
-
     if bandwidth_mib is not None and bandwidth_mib <= 0:
         raise MigrationRefused(f"the bandwidth cap must be positive, not {bandwidth_mib} MiB/s")
     # First: a guest being installed is not persistent yet, and "transient" would mislead.
-    building = [ProvisioningRequest.Status.PENDING, *IN_FLIGHT]
-    if ProvisioningRequest.objects.filter(guest=guest, status__in=building).exists():
+    if ProvisioningRequest.objects.filter(
+        guest=guest, status__in=ProvisioningRequest.ACTIVE
+    ).exists():
         raise MigrationRefused(f"{guest.name} is being installed; migrate it once it runs")
     if not guest.persistent:
         raise MigrationRefused(
@@ -69,7 +67,7 @@ def migration_start(
             dest = _choose_destination(guest)
         else:
             # Locked as placement locks it, so two moves at once cannot both take its last room.
-            dest = Host.objects.select_for_update().get(pk=dest.pk)
+            dest = Host.objects.select_for_update(no_key=True).get(pk=dest.pk)
         if dest.pk == source.pk:
             raise MigrationRefused(f"{guest.name} is on {dest} already")
         if not dest.enabled or placement.host_is_down(dest):
@@ -92,19 +90,18 @@ def migration_start(
             guest=guest,
             created_by=by,
             data=data,
+            note=f"{'Live' if live else 'Offline'} migration from {source} to {dest} requested",
         )
-        transitions.job_log(
-            job.pk, f"{'Live' if live else 'Offline'} migration from {source} to {dest} requested"
-        )
-        queue = source.queue
-        transaction.on_commit(lambda: send_task(tasks.run_migration, (job.pk,), queue=queue))
+        queue.send_on_commit(queue.RUN_MIGRATION, job.pk, queue=source.queue)
     return job
 
 
 def _choose_destination(guest: Guest) -> Host:
     others = [
         h
-        for h in Host.objects.exclude(pk=guest.host_id).select_for_update().order_by("pk")
+        for h in Host.objects.exclude(pk=guest.host_id)
+        .select_for_update(no_key=True)
+        .order_by("pk")
         if h.enabled and not placement.host_is_down(h)
     ]
     room = [
@@ -136,18 +133,16 @@ def _cancel_requested(job_id: int) -> bool:
 
 def run_migration(job_id: int) -> None:
     """Migrate with live progress, aborting on cancel; on success the guest moves host."""
-    from provisioning.hypervisor import migration
-
     job = Job.objects.select_related("guest__host").get(pk=job_id)
     if job.data.get("cancel") and job.status == Job.Status.QUEUED:
         transitions.job_move(job_id, expected=Job.Status.QUEUED, to=Job.Status.CANCELLED)
         return
     try:
-        job = transitions.job_move(job_id, expected=Job.Status.QUEUED, to=Job.Status.RUNNING)
+        transitions.job_move(job_id, expected=Job.Status.QUEUED, to=Job.Status.RUNNING)
     except transitions.StaleState:
         return
-    assert job.guest_id is not None
-    guest = Guest.objects.select_related("host").get(pk=job.guest_id)
+    guest = job.guest
+    assert guest is not None
     source, dest = guest.host, Host.objects.get(pk=job.data["dest"])
     src, dst = get_hypervisor(source.uri), get_hypervisor(dest.uri)
     uuid = str(guest.uuid)

@@ -9,7 +9,6 @@ from django.db.models import Q, Sum
 from django.utils import timezone
 
 from provisioning.models import Guest, GuestTemplate, Host, ProvisioningRequest, StoragePool
-from provisioning.services.quotas import IN_FLIGHT
 
 # A host whose listener has not been heard from for this long is down.
 HOST_DOWN_AFTER = timedelta(seconds=30)
@@ -40,9 +39,9 @@ def host_free(host: Host) -> Free:
     """Capacity less what the portal placed there and what reconcile found beside it."""
     # A pending request's guest holds its room from the moment it was placed: its row is still
     # undefined until the install begins, and the next placement must not hand that room out.
-    building = ProvisioningRequest.objects.filter(
-        status__in=[ProvisioningRequest.Status.PENDING, *IN_FLIGHT]
-    ).values("guest_id")
+    building = ProvisioningRequest.objects.filter(status__in=ProvisioningRequest.ACTIVE).values(
+        "guest_id"
+    )
     used = (
         Guest.objects.filter(host=host)
         .filter(~Q(state=Guest.State.UNDEFINED) | Q(pk__in=building))
@@ -67,7 +66,8 @@ def place(*, template: GuestTemplate, vcpus: int, memory_mib: int, disk_mib: int
     """The enabled, healthy host with the most free memory that fits (call inside a transaction).
 
     The candidate hosts' rows are locked, so two requests placed at once cannot both take the
-    last room on a host.
+    last room on a host (FOR NO KEY UPDATE: the commit-time foreign-key checks of guests and
+    requests naming the host must not wait on it, or concurrent placements deadlock).
     """
     if template.host_id is not None:
         candidates = Host.objects.filter(pk=template.host_id)
@@ -77,7 +77,7 @@ def place(*, template: GuestTemplate, vcpus: int, memory_mib: int, disk_mib: int
         # A subquery, not a join with DISTINCT: PostgreSQL refuses FOR UPDATE with DISTINCT.
         with_disks = StoragePool.objects.filter(for_guest_disks=True).values("host_id")
         candidates = Host.objects.filter(pk__in=with_disks)
-    hosts = list(candidates.select_for_update().order_by("pk"))
+    hosts = list(candidates.select_for_update(no_key=True).order_by("pk"))
     if not hosts:
         raise NoRoom("no host with a storage pool for guest disks is registered")
     usable = [h for h in hosts if h.enabled and not host_is_down(h)]

@@ -6,20 +6,10 @@ from dataclasses import dataclass
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser, Group
+from django.db import connection
 from django.db.models import Count, Q, Sum
 
 from provisioning.models import Guest, ProvisioningRequest, Quota
-
-Status = ProvisioningRequest.Status
-# Requests whose guest is being built count against the quota as if it existed.
-IN_FLIGHT = [
-    Status.ADMITTED,
-    Status.PREPARING,
-    Status.INSTALLING,
-    Status.WAITING,
-    Status.DEFINING,
-    Status.STARTING,
-]
 
 
 @dataclass(frozen=True)
@@ -61,7 +51,10 @@ DEFAULT = Limits(guests=10, vcpus=16, memory_mib=32768, disk_mib=204800, source=
 
 
 def _usage(owners: Q) -> Usage:
-    building = ProvisioningRequest.objects.filter(status__in=IN_FLIGHT).values("guest_id")
+    # Requests whose guest is being built count against the quota as if it existed.
+    building = ProvisioningRequest.objects.filter(status__in=ProvisioningRequest.BUILDING).values(
+        "guest_id"
+    )
     held = Guest.objects.filter(owners).filter(~Q(state=Guest.State.UNDEFINED) | Q(pk__in=building))
     totals = held.aggregate(
         guests=Count("id"),
@@ -104,20 +97,36 @@ def _exceeds(usage: Usage, limits: Limits) -> str | None:
 
 
 def quota_lock(user: AbstractBaseUser) -> None:
-    """Serialise admissions of this user and their groups (call inside a transaction)."""
-    get_user_model().objects.select_for_update().filter(pk=user.pk).first()
-    list(Group.objects.select_for_update().filter(user__pk=user.pk).order_by("pk"))
+    """Serialise admissions of this user and their groups (call inside a transaction).
+
+    FOR NO KEY UPDATE, not FOR UPDATE: it must not block the foreign-key checks that every
+    insert naming the user (guests, requests, jobs) makes at commit, or those inserts and this
+    lock deadlock on PostgreSQL (seen under load).
+    """
+    if not connection.features.has_select_for_update:
+        return  # SQLite: every write transaction here takes the one database lock already
+    get_user_model().objects.select_for_update(no_key=True).filter(pk=user.pk).first()
+    list(Group.objects.select_for_update(no_key=True).filter(user__pk=user.pk).order_by("pk"))
 
 
 def quota_problem(request: ProvisioningRequest) -> str | None:
     """Why admitting this request would break a quota, or None when it fits."""
     owner = request.owner
     extra = (request.vcpus, request.memory_mib, request.disk_mib + request.data_disk_mib)
-    problem = _exceeds(usage_of(owner).plus(*extra), limits_of(owner))
+    # The user's own quota and their groups' in one look-up.
+    quotas = list(
+        Quota.objects.filter(Q(user_id=owner.pk) | Q(group__user__pk=owner.pk))
+        .select_related("group")
+        .order_by("group_id")
+    )
+    own = next((q for q in quotas if q.user_id == owner.pk), None)
+    limits = Limits.of(own, "your quota") if own else DEFAULT
+    problem = _exceeds(usage_of(owner).plus(*extra), limits)
     if problem:
         return problem
-    for quota in Quota.objects.filter(group__user__pk=owner.pk).select_related("group"):
-        assert quota.group is not None
+    for quota in quotas:
+        if quota.group is None:
+            continue
         group_usage = _usage(Q(owner__groups=quota.group)).plus(*extra)
         problem = _exceeds(group_usage, Limits.of(quota, f"group {quota.group.name}'s quota"))
         if problem:

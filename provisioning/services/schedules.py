@@ -1,4 +1,4 @@
-"""Rebuild schedules: django-celery-beat periodic tasks that reprovision a guest."""
+"""Rebuild schedules: django-celery-beat periodic tasks that rebuild a guest."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from django.contrib.auth.models import User
 from django.db import transaction
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
 
+from provisioning import queue
 from provisioning.models import Guest, RebuildSchedule, ScheduleRun
 from provisioning.services import provision, transitions
 
 log = logging.getLogger(__name__)
-TASK = "provisioning.scheduled_rebuild"
+TASK = queue.SCHEDULED_REBUILD
 
 
 class ScheduleError(ValueError):
@@ -114,7 +115,7 @@ def schedule_fire(schedule_id: int) -> ScheduleRun | None:
         )
     latest = schedule.source == RebuildSchedule.Source.LATEST
     try:
-        request = provision.reprovision_submit(
+        request = provision.rebuild_submit(
             guest=schedule.guest, by=None, latest=latest, keep_data_disk=schedule.keep_data_disk
         )
     except transitions.GuestBusy as exc:

@@ -74,7 +74,7 @@ def _plan(template: GuestTemplate, *, name: str, uuid: str) -> Plan:
     domain_type = host.detected_domain_type or (
         host.domain_type if host.domain_type != Host.DomainType.AUTO else "qemu"
     )
-    return Plan(request, guest, host, template, pool, f"{name}.qcow2", domain_type=domain_type)
+    return Plan(request, guest, host, template, pool, domain_type=domain_type)
 
 
 def template_preview(template: GuestTemplate) -> dict[str, str]:

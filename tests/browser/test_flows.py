@@ -195,7 +195,7 @@ def test_bad_input_gets_errors_next_to_the_fields_and_makes_nothing(
     expect(name_field.locator(".field-error")).to_have_text(
         "Use 1-63 letters, digits, dots, dashes or underscores, starting with a letter or digit."
     )
-    expect(memory_field.locator(".field-error")).to_have_text("Pick between 128 and 4096.")
+    expect(memory_field.locator(".field-error")).to_have_text("Pick between 128 and 4096 MiB.")
     expect(page.locator(".field-error")).to_have_count(2)
     expect(page.locator("#id_name")).to_have_value("my guest")
     expect(page.locator("#id_memory_mib")).to_have_value("99999")

@@ -55,7 +55,7 @@ def act(guest: Guest, kind: str, **options: Any) -> Job:
     guest.refresh_from_db()
     job = guest_action(guest=guest, kind=kind, by=guest.owner, **options)
     wait_until(
-        lambda: Job.objects.get(pk=job.pk).status in transitions.JOB_FINAL,
+        lambda: Job.objects.get(pk=job.pk).status in Job.FINAL,
         timeout=30,
         what=f"{kind} job to finish",
     )

@@ -81,7 +81,7 @@ def job_log(request: ProvisioningRequest) -> list[str]:
 
 def rebuild(guest: Guest, **kw: Any) -> ProvisioningRequest:
     """Rebuild the running guest in this process, its shutdown grace period cut short."""
-    request = provision.reprovision_submit(guest=guest, by=guest.owner, **kw)
+    request = provision.rebuild_submit(guest=guest, by=guest.owner, **kw)
     provision.advance(request.pk)  # asks the guest to shut down, then waits
     if status_of(request) == Status.PREPARING:
         operations.destroy(hv(), str(guest.uuid))  # the guest went down
@@ -288,7 +288,7 @@ def test_the_new_guest_form_offers_the_data_disk_only_where_the_template_does(
     fields = {"template": template.pk, "name": "dd-form", "vcpus": 1, "memory_mib": 256}
     response = client.post(url, {**fields, "disk_mib": 64, "data_disk_mib": 500})
     assert response.status_code == 400  # the form again, with the field's error
-    assert "Pick between 0 and 128." in response.content.decode()
+    assert "Pick between 0 (none) and 128 MiB." in response.content.decode()
     assert not ProvisioningRequest.objects.exists()
 
     client.post(url, {**fields, "disk_mib": 64, "data_disk_mib": 48})

@@ -27,7 +27,6 @@ from provisioning.hypervisor.connection import Hypervisor, get_hypervisor
 from provisioning.hypervisor.events import EventListener, LifecycleEvent
 from provisioning.hypervisor.types import DomainInfo, GuestState
 from provisioning.models import Guest, GuestTemplate, Job, JobEvent, ProvisioningRequest
-from provisioning.services import transitions
 from provisioning.services.actions import guest_action, save_path
 from provisioning.services.consoles import console_log_path
 from provisioning.services.demo import DEMO_POOL_NAME, demo_seed
@@ -178,7 +177,7 @@ def wait_for_status(
 
     def there() -> bool:
         status = status_of(request)
-        if status != wanted and status in transitions.REQUEST_FINAL:
+        if status != wanted and status in ProvisioningRequest.FINAL:
             raise AssertionError(
                 f"request ended {status} ({request.error}), not {wanted}\n{stack.logs()}"
             )
@@ -256,7 +255,7 @@ def run_action(stack: QemuStack, guest: Guest, kind: Job.Kind, **options: object
 
     def final() -> bool:
         job.refresh_from_db()
-        return job.status in transitions.JOB_FINAL
+        return job.status in Job.FINAL
 
     wait_until(final, timeout=JOB_DEADLINE, what=f"the {kind} job to finish\n{stack.logs()}")
     assert job.status == Job.Status.SUCCEEDED, f"{kind}: {job.error}\n{stack.logs()}"

@@ -17,7 +17,7 @@ from provisioning.demo import tinyguest
 from provisioning.hypervisor import domxml, operations, storage
 from provisioning.models import Job, ProvisioningRequest, ScheduleRun
 from provisioning.services import provision as engine
-from provisioning.services import schedules, templates, transitions
+from provisioning.services import schedules, templates
 from tests.engine.test_qemu_engine import (
     BOOT_DEADLINE,
     DEMO_POOL_NAME,
@@ -112,7 +112,7 @@ def test_a_schedule_rebuilds_the_real_guest_from_the_changed_template(
 
     job = Job.objects.get(pk=run.job.pk)
     wait_until(
-        lambda: Job.objects.get(pk=job.pk).status in transitions.JOB_FINAL,
+        lambda: Job.objects.get(pk=job.pk).status in Job.FINAL,
         timeout=10,
         what="the rebuild job to end",
     )
@@ -135,7 +135,7 @@ def test_a_schedule_rebuilds_the_real_guest_from_the_changed_template(
     # installer stamps it.
     wait_until_ready_with(guest, MARKER)
     change_marker(template, MARKER3)
-    third = engine.reprovision_submit(guest=guest, by=None, latest=True, keep_data_disk=False)
+    third = engine.rebuild_submit(guest=guest, by=None, latest=True, keep_data_disk=False)
     wait_for_status(third, Status.RUNNING, stack, timeout=2 * BOOT_DEADLINE + INSTALL_DEADLINE)
     report = wait_for_console(
         guest,

@@ -237,7 +237,7 @@ def test_a_guest_being_rebuilt_is_left_to_its_request(
 ) -> None:
     owner = make_user("ann")
     guest = provision_running(owner, kernel_template, "rec-rebuild").guest
-    rebuild = provision.reprovision_submit(guest=guest, by=owner)
+    rebuild = provision.rebuild_submit(guest=guest, by=owner)
     provision.advance(rebuild.pk)  # asks the guest to shut down, then waits for it
     assert status_of(rebuild) == Status.PREPARING
     assert not info_of(guest).active
@@ -254,7 +254,7 @@ def test_a_queued_rebuild_whose_message_was_lost_is_queued_again_as_a_request_st
 ) -> None:
     owner = make_user("ann")
     guest = provision_running(owner, kernel_template, "rec-lost").guest
-    rebuild = provision.reprovision_submit(guest=guest, by=owner)
+    rebuild = provision.rebuild_submit(guest=guest, by=owner)
     conn = redis.Redis.from_url(settings.REDIS_URL)
     conn.delete(test_host.queue)  # no worker ran: the message is lost
     long_ago = timezone.now() - timedelta(seconds=settings.STALE_STEP_SECONDS + 5)

@@ -12,7 +12,7 @@ from django.contrib.auth.models import Group
 from django.db import transaction
 from django.utils import timezone
 
-from provisioning import tasks
+from provisioning import faults, queue
 from provisioning.hypervisor import operations, storage
 from provisioning.models import (
     Guest,
@@ -26,7 +26,8 @@ from provisioning.models import (
     StoragePool,
 )
 from provisioning.services import events, provision, transitions
-from provisioning.services.provision import PROGRESS, SubmitError
+from provisioning.services.provision import CRASH_POINTS, SubmitError
+from provisioning.services.provision.steps import PROGRESS
 from tests.engine.helpers import (
     INSTALL_PATH,
     NO_INSTALL_PATH,
@@ -393,8 +394,8 @@ def test_a_request_can_be_cancelled_in_every_unfinished_state_and_leaves_nothing
     info = info_of(request.guest)
     assert (info.exists, info.active, volumes_of(request.guest) != []) == MADE[Status(status)]
 
-    cancelled = provision.cancel(request.pk)
-    assert cancelled.status == Status.CANCELLED
+    provision.cancel(request.pk)
+    assert status_of(request) == Status.CANCELLED
     # The cleanup (and any advance still queued) runs on a worker of the host's queue.
     start_proc(stack, "worker", "worker")
     wait_until(
@@ -462,7 +463,7 @@ def test_two_workers_with_every_task_sent_twice_finish_each_request_once(
     owner = make_user("ann")
     requests = [submit(owner, kernel_template, f"eng-many{i}") for i in range(8)]
     for request in requests:  # a redelivered message
-        tasks.advance_request.apply_async((request.pk,), queue=test_host.queue)
+        queue.send(queue.ADVANCE_REQUEST, request.pk, queue=test_host.queue)
     for request in requests:
         wait_status(request, Status.WAITING)
         finish_installer(request)
@@ -575,3 +576,13 @@ def test_a_worker_for_another_host_never_runs_this_hosts_steps(
     wait_status(request, Status.RUNNING)
     wait_until(lambda: tasks_done(local, "advance_request") >= 1, timeout=10, what="local work")
     assert "provisioning.advance_request[" not in new_log(other)
+
+
+def test_an_install_passes_every_crash_point_the_fault_tests_kill_at(
+    monkeypatch: pytest.MonkeyPatch, make_user, kernel_template: GuestTemplate
+) -> None:
+    passed: list[str] = []
+    monkeypatch.setattr(faults, "checkpoint", passed.append)
+    provision_running(make_user("kit"), kernel_template, "eng-points")
+    assert set(passed) == set(CRASH_POINTS)
+    assert len(CRASH_POINTS) == len(set(CRASH_POINTS))

@@ -140,7 +140,7 @@ def wait_for_job(stack: Any, run: ScheduleRun, *, timeout: float = 15) -> Job:
 
     def final() -> Job | None:
         job = Job.objects.get(pk=job_id)
-        return job if job.status in transitions.JOB_FINAL else None
+        return job if job.status in Job.FINAL else None
 
     try:
         job = wait_until(final, timeout=timeout, what="the rebuild job to end", every=0.1)
@@ -173,7 +173,8 @@ def cmdline_now(guest: Guest) -> str | None:
 def make_busy(guest: Guest) -> Job:
     """A running shutdown job on the guest (with no deadline, so reconcile leaves it alone)."""
     job = transitions.job_open(kind=Job.Kind.SHUTDOWN, guest=guest)
-    return transitions.job_move(job.pk, expected=Job.Status.QUEUED, to=Job.Status.RUNNING)
+    transitions.job_move(job.pk, expected=Job.Status.QUEUED, to=Job.Status.RUNNING)
+    return Job.objects.get(pk=job.pk)
 
 
 def sent_by(proc: Proc, task: PeriodicTask) -> int:
@@ -211,7 +212,7 @@ def test_a_schedule_rebuilds_a_running_guest_keeping_its_name_uuid_and_mac(
     request = request_of(run)
     assert request.kind == ProvisioningRequest.Kind.REBUILD
     assert request.guest_id == guest.pk and request.pk != first.pk
-    assert run.job is not None and run.job.kind == Job.Kind.REPROVISION
+    assert run.job is not None and run.job.kind == Job.Kind.REBUILD
 
     wait_for_status(stack, request, Status.WAITING)
     # The installer runs under the guest's own name and UUID; the old guest was shut down first.
@@ -585,7 +586,7 @@ def test_the_page_shows_skipped_and_finished_runs(page_guest: Guest) -> None:
         schedule=schedule, outcome=Outcome.SKIPPED, message="page-guest is busy with start job #7"
     )
     job = Job.objects.create(
-        kind=Job.Kind.REPROVISION,
+        kind=Job.Kind.REBUILD,
         guest=page_guest,
         status=Job.Status.SUCCEEDED,
         started=timezone.now() - timedelta(seconds=42),

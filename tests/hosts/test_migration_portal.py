@@ -26,7 +26,7 @@ from provisioning.hypervisor.types import GuestState
 from provisioning.models import Guest, GuestTemplate, Host, Job, JobEvent, ProvisioningRequest
 from provisioning.services import placement
 from provisioning.services.actions import guest_action
-from provisioning.services.migrations import (
+from provisioning.services.migrate import (
     MigrationRefused,
     migration_cancel,
     migration_start,

@@ -1,7 +1,7 @@
 """Placement over many hosts: most free memory wins, sick hosts get nothing, nothing overfills.
 
 Database only (libvirt's test driver answers register_host). Nothing is queued: the tests replace
-the provisioning engine's send_task and look at what it would have sent.
+the queue's send (by which every service queues) and look at what it would have sent.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from django.db import connection, connections, transaction
 from django.test import Client
 from django.utils import timezone
 
+from provisioning import queue as queue_module
 from provisioning.hypervisor import storage
 from provisioning.hypervisor.connection import get_hypervisor
 from provisioning.models import (
@@ -31,7 +32,7 @@ from provisioning.models import (
     ProvisioningRequest,
     StoragePool,
 )
-from provisioning.services import placement, provision
+from provisioning.services import placement
 from provisioning.services.provision import Overrides, SubmitError, request_submit
 from tests.hosts.conftest import TEST_URI, badge_of, mark_down
 from tests.support.stack import wait_until
@@ -49,11 +50,11 @@ def sent(
     """
     queued: list[tuple[str, tuple[Any, ...], str]] = []
 
-    def record(task: Any, args: tuple[Any, ...], **options: Any) -> bool:
-        queued.append((task.name, args, options["queue"]))
+    def record(name: str, *args: Any, queue: str, **options: Any) -> bool:
+        queued.append((name, args, queue))
         return True
 
-    monkeypatch.setattr(provision, "send_task", record)
+    monkeypatch.setattr(queue_module, "send", record)
     return queued
 
 

@@ -12,6 +12,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import close_old_connections
 from django.utils import timezone
 
+from provisioning import queue
 from provisioning.hypervisor.errors import HypervisorError
 from provisioning.hypervisor.events import EventListener, LifecycleEvent
 from provisioning.models import Host
@@ -92,12 +93,8 @@ class Command(BaseCommand):
             was = connected[host.name]
             connected[host.name] = up
             if up and not was:
-                # Events may have been missed while away: look at everything once.
-                from provisioning import tasks
-
-                try:
-                    tasks.reconcile_host.apply_async((host.pk,), queue=host.queue, expires=60)
-                except Exception as exc:  # noqa: BLE001 - reconcile runs on its schedule too
-                    log.warning("could not queue a reconcile of %s: %s", host, exc)
+                # Events may have been missed while away: look at everything once (reconcile
+                # runs on its schedule too, should the broker be away now).
+                queue.send(queue.RECONCILE_HOST, host.pk, queue=host.queue, expires=60)
 
         return EventListener(host.uri, on_event, on_state=on_state)

@@ -1,0 +1,188 @@
+"""What a request asks of libvirt: its guest's disks and the domain XML of both phases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.db.models import OuterRef, Subquery
+
+from provisioning.hypervisor import domxml
+from provisioning.hypervisor.connection import Hypervisor, get_hypervisor
+from provisioning.models import (
+    Guest,
+    GuestTemplate,
+    Host,
+    Job,
+    ProvisioningRequest,
+    StoragePool,
+    TemplateVersion,
+)
+from provisioning.services.consoles import console_log_path
+from provisioning.services.hosts import host_domain_type
+
+
+class StepFailed(Exception):
+    """A step met a permanent failure; the request fails with this message."""
+
+
+def system_volume(guest: Guest) -> str:
+    """The name of a guest's system disk (vda) in its pool."""
+    return f"{guest.name}-{guest.uuid.hex[:8]}.qcow2"
+
+
+def data_volume(guest: Guest) -> str:
+    """The name of a guest's data disk (vdb), beside its system disk."""
+    return f"{guest.name}-{guest.uuid.hex[:8]}-data.qcow2"
+
+
+@dataclass
+class Plan:
+    """A request's guest on its host from its template (as at the request's version), in a pool."""
+
+    request: ProvisioningRequest
+    guest: Guest
+    host: Host
+    template: GuestTemplate
+    pool: StoragePool
+    domain_type: str | None = None  # None: the host's (probed once)
+
+    @property
+    def hv(self) -> Hypervisor:
+        return get_hypervisor(self.host.uri)
+
+    @property
+    def uuid(self) -> str:
+        return str(self.guest.uuid)
+
+    @property
+    def volume(self) -> str:
+        return system_volume(self.guest)
+
+    @property
+    def data_volume(self) -> str | None:
+        """The data disk's volume, if the guest has one."""
+        return data_volume(self.guest) if self.guest.data_disk_mib else None
+
+    @property
+    def volumes(self) -> list[str]:
+        return [v for v in (self.volume, self.data_volume) if v]
+
+    @property
+    def installs(self) -> bool:
+        """Whether an installer runs before the final config (not for imports or one-phase)."""
+        t = self.template
+        return (
+            t.lifecycle == GuestTemplate.Lifecycle.INSTALL
+            and t.method != GuestTemplate.Method.IMPORT
+        )
+
+    @property
+    def rebuild(self) -> bool:
+        return self.request.kind == ProvisioningRequest.Kind.REBUILD
+
+    @property
+    def transient(self) -> bool:
+        return self.template.lifecycle == GuestTemplate.Lifecycle.TRANSIENT
+
+    def validate(self, phase: str) -> bool:
+        """Whether libvirt should check this phase's XML against its schema.
+
+        Once per template version, host and phase in each process: what differs between the
+        guests of one version (names, UUIDs, MACs, sizes) the portal checks itself.
+        """
+        return _shape(self, phase) not in _VALIDATED
+
+    def validated(self, phase: str) -> None:
+        """libvirt accepted this phase's XML with the schema check."""
+        _VALIDATED.add(_shape(self, phase))
+
+    def spec(self) -> domxml.GuestSpec:
+        """The guest as the hypervisor layer builds its XML (SpecError when it cannot be)."""
+        t, g = self.template, self.guest
+        media = domxml.BootMedia()
+        if t.media is not None and t.method == GuestTemplate.Method.KERNEL:
+            media = domxml.BootMedia(
+                kernel=t.media.kernel_path, initrd=t.media.initrd_path, cmdline=t.kernel_cmdline
+            )
+        elif t.media is not None and t.method == GuestTemplate.Method.CDROM:
+            iso: domxml.VolumeRef | str = (
+                domxml.VolumeRef(t.media.pool.name, t.media.volume)
+                if t.media.pool is not None
+                else t.media.path
+            )
+            media = domxml.BootMedia(iso=iso)
+        nics: tuple[domxml.NicSpec, ...] = ()
+        if t.network is not None:
+            kind = {"network": "network", "bridge": "bridge"}[t.network.kind]
+            nics = (domxml.NicSpec(mac=g.mac, **{kind: t.network.source}),)
+        return domxml.GuestSpec(
+            name=g.name,
+            uuid=self.uuid,
+            memory_mib=g.memory_mib,
+            vcpus=g.vcpus,
+            method=t.method,  # type: ignore[arg-type]
+            domain_type=self.domain_type or host_domain_type(host=self.host),
+            disks=tuple(
+                domxml.DiskSpec(domxml.VolumeRef(self.pool.name, volume), target=target)
+                for volume, target in zip(self.volumes, ("vda", "vdb"), strict=False)
+            ),
+            nics=nics,
+            media=media,
+            final_boot=t.final_boot,  # type: ignore[arg-type]
+            bootloader=t.bootloader_path or None,
+            serial_log=str(console_log_path(g.uuid)),
+            metadata={
+                "request": str(self.request.pk),
+                "guest": str(g.pk),
+                "template": str(t.pk),
+                "template_version": str(self.request.template_version),
+            },
+        )
+
+
+_VALIDATED: set[tuple[object, ...]] = set()
+
+
+def _shape(plan: Plan, phase: str) -> tuple[object, ...]:
+    t = plan.template
+    return (t.pk, t.version, plan.host.pk, plan.pool.pk, bool(plan.guest.data_disk_mib), phase)
+
+
+def template_at(template: GuestTemplate, version: int) -> GuestTemplate:
+    """The template as it was at `version` (its saved snapshot), or as it is now."""
+    if version == template.version:
+        return template
+    snapshot = TemplateVersion.objects.filter(template=template, version=version).first()
+    if snapshot is None:
+        return template
+    return GuestTemplate(pk=template.pk, version=version, **snapshot.fields)
+
+
+def plan_of(request: ProvisioningRequest) -> Plan:
+    """The plan of a request loaded with its guest, host and template (see `load_request`)."""
+    guest = request.guest
+    host = request.host
+    if guest is None or host is None:
+        raise StepFailed("the request has no guest or host")
+    template = template_at(request.template, request.template_version)
+    pool = template.pool or host.pools.filter(for_guest_disks=True).first()
+    if pool is None or pool.host_id != host.pk:
+        raise StepFailed(f"no storage pool for guest disks is registered on {host}")
+    return Plan(request, guest, host, template, pool)
+
+
+def load_request(request_id: int) -> ProvisioningRequest:
+    """A request with everything its plan reads, and its job (see `transitions.request_job`),
+    in one query."""
+    jobs = Job.objects.filter(request=OuterRef("pk"), kind__in=Job.FOR_REQUESTS).order_by(
+        "-created"
+    )
+    return (
+        ProvisioningRequest.objects.select_related(
+            "guest", "host", "template__media__pool", "template__network", "template__pool", "owner"
+        )
+        .annotate(
+            job_pk=Subquery(jobs.values("pk")[:1]), job_status=Subquery(jobs.values("status")[:1])
+        )
+        .get(pk=request_id)
+    )
