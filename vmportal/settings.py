@@ -103,11 +103,13 @@ DATABASES = {
     "default": env.db_url("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'vmportal.sqlite3'}"),
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Writers of several processes queue on a file lock rather than SQLite's busy polling.
+    DATABASES["default"]["ENGINE"] = "vmportal.sqlite"
     # Several processes (web, worker, beat, listener) share the file: wait for locks, and use WAL.
     # In WAL mode, synchronous=NORMAL syncs at checkpoints rather than at every commit: a killed
     # process loses nothing committed and the file never corrupts; only a power loss may undo
-    # the last commits. Every commit holds the one write lock, so a sync per commit (about a
-    # millisecond here) was the limit on how fast the processes could move requests on.
+    # the last commits. A sync per commit cost about a millisecond here, with the one write
+    # lock held all along.
     DATABASES["default"].setdefault("OPTIONS", {}).update(
         {
             "timeout": 20,
@@ -117,6 +119,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     )
     _test_name = env.str("VMPORTAL_TEST_DB", default=str(VAR_DIR / "test.sqlite3"))
     DATABASES["default"]["TEST"] = {"NAME": _test_name}
+elif env.str("VMPORTAL_TEST_DB", default=""):
+    # The test suite names its database (one per test process).
+    DATABASES["default"]["TEST"] = {"NAME": env.str("VMPORTAL_TEST_DB")}
 # Connections are kept between requests and tasks: opening one (and, for SQLite, its pragmas)
 # cost more than most queries a request makes.
 DATABASES["default"].setdefault("CONN_MAX_AGE", 60)

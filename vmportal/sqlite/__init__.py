@@ -1,0 +1,1 @@
+"""SQLite for several processes at once (the embedded default): see base.py."""
