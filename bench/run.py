@@ -78,6 +78,7 @@ FIGURES = [
         anchor="throughput_raw_per_s",
         anchor_label="raw libvirt-python loop",
     ),
+    Figure("queries_per_provision", "queries, form POST to running (one provision)", "queries", 40),
     Figure("waiting_action_p95_ms", "500 waiting: suspend queued→started p95", "ms", 1000),
     Figure("waiting_rss_kb_per_install", "500 waiting: RSS per install", "KB", 50),
     Figure("list_10k_p95_ms", "guest list, 10,000 guests, p95", "ms", 50),

@@ -130,8 +130,34 @@ def _quiet(ctx: Context) -> None:
     wait_for(settled, timeout=120, what="the portal to see the removals", every=0.1)
 
 
+def queries(ctx: Context) -> dict[str, Any]:
+    """What one provision (form POST to running) costs the database, counted in this process."""
+    from tests.support.cost import provision_cost
+
+    template = ctx.seed.persistent
+    cost = provision_cost(owner=ctx.seed.user, template=template, name="cost-warm")
+    ctx.made.domain(TEST_URI, _uuid_of(cost.request_id))
+    cost = provision_cost(owner=ctx.seed.user, template=template, name="cost-1")
+    ctx.made.domain(TEST_URI, _uuid_of(cost.request_id))
+    return {
+        "queries_per_provision": cost.total,
+        "queries_per_provision_web": cost.web,
+        "queries_per_provision_worker": cost.worker,
+        "queries_per_provision_listener": cost.listener,
+        "transactions_per_provision": cost.transactions,
+    }
+
+
+def _uuid_of(request_id: int) -> str:
+    from provisioning.models import ProvisioningRequest
+
+    return str(ProvisioningRequest.objects.get(pk=request_id).guest.uuid)
+
+
 def run(ctx: Context) -> dict[str, Any]:
     """Alternating runs of portal and raw; the ratio of the median rates."""
+    counted = queries(ctx)
+    _remove_made(ctx)
     runs, count = ctx.runs(1, 3), ctx.runs(40, 200)
     sessions = [ctx.session("bench") for _ in range(CLIENTS)]
     rates: dict[str, list[float]] = {"portal": [], "raw": []}
@@ -147,8 +173,12 @@ def run(ctx: Context) -> dict[str, Any]:
         )
     portal, raw = median(rates["portal"]), median(rates["raw"])
     return {
-        "figures": {"throughput_vs_raw": portal / raw},
+        "figures": {
+            "throughput_vs_raw": portal / raw,
+            "queries_per_provision": counted["queries_per_provision"],
+        },
         "details": {
+            **counted,
             "throughput_portal_per_s": portal,
             "throughput_raw_per_s": raw,
             "throughput_rates": rates,
