@@ -33,7 +33,7 @@ def test_a_command_that_fails_is_started_again_until_told_to_stop(tmp_path: Path
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=10)
     assert "bash exited with status 3; starting it again in 1s" in err
-    assert proc.returncode == 3
+    assert proc.returncode == 143  # stopped by SIGTERM, whether it was running or waiting
 
 
 def test_a_clean_exit_is_not_restarted(tmp_path: Path) -> None:
