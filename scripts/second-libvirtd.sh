@@ -7,6 +7,8 @@
 #   second-libvirtd.sh uri <dir>            print the URI of a running one
 #   second-libvirtd.sh stop <dir>           destroy its guests, stop its daemons, drop runtime state
 #   second-libvirtd.sh purge <dir>          stop, then delete <dir>
+#   second-libvirtd.sh daemon-stop <dir>    stop only libvirtd (its guests and virtlogd go on)
+#   second-libvirtd.sh daemon-start <dir>   start libvirtd again in its namespace (after daemon-stop)
 #
 # Inside the namespace private folders from <dir> are bind-mounted over /etc/libvirt,
 # /run/libvirt, /var/lib/libvirt/qemu, /var/log/libvirt and /var/cache/libvirt. Everything else
@@ -14,19 +16,26 @@
 # same guest disks at the same paths. The sockets live in <dir>/sock, outside the mounted folders,
 # so clients in the main namespace reach them:
 #   qemu+unix:///system?socket=<dir>/sock/libvirt-sock
+# SECOND_LIBVIRTD_PRIVATE (colon-separated absolute folders, e.g. a console-log folder) gets a
+# private copy under <dir>/private<folder> too, mounted over the folder in the namespace: files the
+# daemon writes there stay its own, as on a host of its own.
 # Needs root (mount namespaces, QEMU as libvirt-qemu); works without systemd.
 set -euo pipefail
 
 usage() {
-  echo "usage: $0 start <name> <dir> | uri <dir> | stop <dir> | purge <dir>" >&2
+  echo "usage: $0 start <name> <dir> | uri <dir> | stop <dir> | purge <dir>" \
+    "| daemon-stop <dir> | daemon-start <dir>" >&2
   exit 2
 }
 
 START_TIMEOUT=${SECOND_LIBVIRTD_START_TIMEOUT:-60}
 STOP_TIMEOUT=${SECOND_LIBVIRTD_STOP_TIMEOUT:-20}
-# The main daemon allocates incoming-migration ports from 49152-49215 by default; keep clear of them.
-MIGRATION_PORT_MIN=${SECOND_LIBVIRTD_MIGRATION_PORT_MIN:-49300}
-MIGRATION_PORT_MAX=${SECOND_LIBVIRTD_MIGRATION_PORT_MAX:-49363}
+# Ports each daemon hands its guests: VNC displays, VNC websockets and incoming migrations. Every
+# libvirtd checks that a port is free and then QEMU binds it, so daemons side by side with the same
+# range race for the same port ("Failed to find an available port", seen with VNC on 5900). Each
+# daemon here takes a window of its own at random in 20000-48847, clear of the main daemon's
+# defaults (5900+, 5700+, 49152-49215); a collision of two windows is a 1 in 600 chance.
+PORT_BASE=${SECOND_LIBVIRTD_PORT_BASE:-$((20000 + 48 * (RANDOM % 600)))}
 
 uri_of() { echo "qemu+unix:///system?socket=$1/sock/libvirt-sock"; }
 
@@ -84,8 +93,12 @@ EOF
 # Written by scripts/second-libvirtd.sh for host "$name".
 # Both daemons would name their cgroups machine/qemu-<id>-<name>: keep this one out of cgroups.
 cgroup_controllers = [ ]
-migration_port_min = $MIGRATION_PORT_MIN
-migration_port_max = $MIGRATION_PORT_MAX
+remote_display_port_min = $PORT_BASE
+remote_display_port_max = $((PORT_BASE + 15))
+remote_websocket_port_min = $((PORT_BASE + 16))
+remote_websocket_port_max = $((PORT_BASE + 31))
+migration_port_min = $((PORT_BASE + 32))
+migration_port_max = $((PORT_BASE + 47))
 EOF
   cat >"$dir/etc/virtlogd.conf" <<EOF
 # Written by scripts/second-libvirtd.sh for host "$name".
@@ -116,9 +129,17 @@ start() {
   stop "$dir" >/dev/null
   write_config "$name" "$dir"
   # unshare's default propagation is private: none of these mounts reach the main namespace.
+  local private
+  SECOND_LIBVIRTD_PRIVATE=${SECOND_LIBVIRTD_PRIVATE:-}
+  for private in ${SECOND_LIBVIRTD_PRIVATE//:/ }; do
+    [[ $private == /* ]] || { echo "second-libvirtd: not an absolute folder: $private" >&2; exit 2; }
+    mkdir -p "$private" "$dir/private$private"
+    chmod 0777 "$dir/private$private"
+  done
   unshare --mount --uts --propagation private -- /bin/bash -euc '
-    dir=$1 name=$2
+    dir=$1 name=$2 privates=$3
     hostname "$name"
+    for private in ${privates//:/ }; do mount --bind "$dir/private$private" "$private"; done
     mount --bind "$dir/etc" /etc/libvirt
     mount --bind "$dir/run" /run/libvirt
     mount --bind "$dir/lib-qemu" /var/lib/libvirt/qemu
@@ -126,7 +147,7 @@ start() {
     mount --bind "$dir/cache" /var/cache/libvirt
     virtlogd -d -p "$dir/virtlogd.pid"
     libvirtd -d -p "$dir/libvirtd.pid"
-  ' second-libvirtd "$dir" "$name"
+  ' second-libvirtd "$dir" "$name" "${SECOND_LIBVIRTD_PRIVATE:-}"
   deadline=$((SECONDS + START_TIMEOUT))
   until answers "$dir"; do
     if ((SECONDS >= deadline)); then
@@ -169,6 +190,36 @@ stop() {
   rm -f "$dir/libvirtd.pid" "$dir/virtlogd.pid"
 }
 
+# libvirtd alone, as a restart of the daemon on a real host: QEMU guests and virtlogd keep running,
+# and virtlogd keeps the mount namespace, so libvirtd can start in it again.
+daemon_stop() {
+  local dir pid
+  dir=$(cd "$1" && pwd -P)
+  pid=$(live_pid "$dir/libvirtd.pid" libvirtd)
+  [[ -z $pid ]] || stop_pid "$pid" libvirtd
+  rm -f "$dir/libvirtd.pid"
+}
+
+daemon_start() {
+  local dir vpid deadline
+  dir=$(cd "$1" && pwd -P)
+  if [[ -n $(live_pid "$dir/libvirtd.pid" libvirtd) ]] || answers "$dir"; then return 0; fi
+  vpid=$(live_pid "$dir/virtlogd.pid" virtlogd)
+  if [[ -z $vpid ]]; then
+    echo "second-libvirtd: no virtlogd runs for $dir; use start instead" >&2
+    exit 1
+  fi
+  nsenter --target "$vpid" --mount --uts -- libvirtd -d -p "$dir/libvirtd.pid"
+  deadline=$((SECONDS + START_TIMEOUT))
+  until answers "$dir"; do
+    if ((SECONDS >= deadline)); then
+      echo "second-libvirtd: libvirtd did not answer again at $(uri_of "$dir")" >&2
+      exit 1
+    fi
+    sleep 0.2
+  done
+}
+
 case ${1:-} in
   start) (($# == 3)) || usage; start "$2" "$3" ;;
   uri)
@@ -178,6 +229,8 @@ case ${1:-} in
     uri_of "$dir"
     ;;
   stop) (($# == 2)) || usage; stop "$2" ;;
+  daemon-stop) (($# == 2)) || usage; daemon_stop "$2" ;;
+  daemon-start) (($# == 2)) || usage; daemon_start "$2" ;;
   purge)
     (($# == 2)) || usage
     stop "$2"
