@@ -169,7 +169,7 @@ class Stack:
         from tests.support import stack
 
         for name in PROCESS_NAMES:
-            (stack.ARTIFACTS / "logs" / f"{name}.log").unlink(missing_ok=True)
+            (stack.LOGS / f"{name}.log").unlink(missing_ok=True)
         queues = ["default", *(f"hv.{h}" for h in self.hosts)]
         self.procs["worker"] = stack.start_worker(self.env, queues=queues, name="bench-worker")
         self.procs["listener"] = stack.start_listener(self.env, name="bench-listener")

@@ -1,31 +1,36 @@
-"""Fixtures shared by the whole suite."""
+"""Fixtures shared by the whole suite: users and clients, Redis, the portal's processes, and a
+host with a kernel template on this test process's own libvirt test driver."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
-from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractUser
 from django.test import Client
 
+from provisioning.hypervisor import operations, storage
+from provisioning.hypervisor.connection import Hypervisor, get_hypervisor
+from provisioning.models import Guest, GuestTemplate, Host
+from provisioning.services.provision.spec import data_volume, system_volume
+from tests import factories
 from tests.support.browser import browser, page  # noqa: F401 - fixtures for every folder
-from tests.support.stack import RedisServer
+from tests.support.libvirt import TEST_POOL, TEST_URI
+from tests.support.stack import RedisServer, Stack, point_celery_at
 
 # Playwright's sync API runs an event loop in the test thread; the ORM calls the tests make around
 # it are still plain synchronous code.
 os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
-PASSWORD = "correct-horse-battery-staple"
-
 
 @pytest.fixture
-def make_user(db: None):
-    def make(username: str = "alice", *, staff: bool = False) -> AbstractUser:
-        return get_user_model().objects.create_user(
-            username=username, password=PASSWORD, is_staff=staff
-        )
+def make_user(db: None) -> Callable[..., AbstractUser]:
+    """factories.make_user, with a database."""
+
+    def make(username: str = "alice", **kwargs: object) -> AbstractUser:
+        return factories.make_user(username, **kwargs)  # type: ignore[arg-type]
 
     return make
 
@@ -55,6 +60,13 @@ def staff_client(staff: AbstractUser) -> Client:
 
 
 @pytest.fixture
+def superuser_client(db: None) -> Client:
+    client = Client()
+    client.force_login(factories.make_user("admin", superuser=True))
+    return client
+
+
+@pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
     """A Redis of this test's own, which it may stop."""
     server = RedisServer().start()
@@ -63,70 +75,71 @@ def own_redis() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def superuser_client(db: None) -> Client:
-    admin = get_user_model().objects.create_superuser(username="admin", password=PASSWORD)
-    client = Client()
-    client.force_login(admin)
-    return client
-
-
-class Stack:
-    """The portal's processes running against this test's database and Redis."""
-
-    def __init__(self, redis_server: RedisServer, libvirt_uri: str) -> None:
-        from tests.support import stack
-
-        self.redis = redis_server
-        self.env = stack.process_env(redis_url=redis_server.url, LIBVIRT_URI=libvirt_uri)
-        self.procs: dict[str, stack.Proc] = {}
-        self.base_url = ""
-        self._stack = stack
-
-    def start(self, *parts: str) -> Stack:
-        s = self._stack
-        for part in parts:
-            if part == "web":
-                self.procs["web"], self.base_url = s.start_web(self.env)
-            elif part == "worker":
-                self.procs["worker"] = s.start_worker(self.env)
-            elif part == "beat":
-                self.procs["beat"] = s.start_beat(self.env)
-            elif part == "listener":
-                self.procs["listener"] = s.start_listener(self.env)
-            else:
-                raise ValueError(part)
-        return self
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            proc.stop()
-
-
-def point_celery_at(url: str) -> None:
-    """Send this process's tasks to the broker at url (the app caches its connections)."""
-    from kombu import pools
-
-    from vmportal.celery import app
-
-    app.conf.broker_url = url
-    # The app's pools are kombu's process-wide ones, kept per broker URL. Closing one but leaving
-    # it registered made a later test whose Redis got the same port (or the suite's own Redis,
-    # pointed at again) fail with "Acquire on closed pool": close them all and forget them.
-    pools.reset()
-    app._pool = None
-    app.amqp._producer_pool = None
-
-
-@pytest.fixture
 def stack(transactional_db: None, own_redis: RedisServer, settings) -> Iterator[Stack]:
     """Starts nothing by itself: call .start('web', 'worker', 'beat', 'listener') as needed."""
     from vmportal.celery import app
 
     settings.REDIS_URL = own_redis.url
-    settings.LIBVIRT_URI = "test+unix:///default"
+    settings.LIBVIRT_URI = TEST_URI
     previous = app.conf.broker_url
     point_celery_at(own_redis.url)
     running = Stack(own_redis, settings.LIBVIRT_URI)
     yield running
     running.stop()
     point_celery_at(previous)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Real-QEMU tests run one at a time, in one process (`--dist loadgroup`): their guests are
+    emulated (TCG) and take a core each, and side by side they missed their own deadlines."""
+    for item in items:
+        if item.get_closest_marker("qemu"):
+            item.add_marker(pytest.mark.xdist_group("qemu"))
+
+
+# --- a host on the test driver ---------------------------------------------------------------
+
+
+def test_hv() -> Hypervisor:
+    """This process's connection to its own test driver."""
+    return get_hypervisor(TEST_URI)
+
+
+def remove_guests_of(host: Host) -> None:
+    """Destroy and undefine the domains of every guest on the host, and delete their disks."""
+    hv = get_hypervisor(host.uri)
+    for guest in Guest.objects.filter(host=host):
+        uuid = str(guest.uuid)
+        with contextlib.suppress(Exception):
+            operations.destroy(hv, uuid)
+            operations.undefine(hv, uuid)
+        for volume in (system_volume(guest), data_volume(guest)):
+            with contextlib.suppress(Exception):
+                storage.delete_volume(hv, TEST_POOL, volume)
+
+
+@pytest.fixture
+def test_host(transactional_db: None, settings) -> Iterator[Host]:
+    """The local host on this process's test driver, with room to spare and the driver's pool.
+
+    Transactional, so processes a test starts see its rows. Domains the test made are removed
+    afterwards, with the disks of its guests.
+    """
+    settings.LIBVIRT_URI = TEST_URI
+    hv = test_hv()  # held open, so the driver keeps its state between calls
+    before = {d.uuid for d in operations.list_domains(hv)}
+    # Memory to spare: reconcile counts the driver's own 8 GiB "test" domain against the host.
+    host = factories.make_host("local", uri=TEST_URI, roomy=False, capacity_memory_mib=1 << 20)
+    yield host
+    remove_guests_of(host)
+    for info in operations.list_domains(hv):
+        if info.uuid not in before:
+            operations.destroy(hv, info.uuid)
+            operations.undefine(hv, info.uuid)
+
+
+@pytest.fixture
+def kernel_template(test_host: Host) -> GuestTemplate:
+    """A direct-kernel-boot install template on the test host (paths the driver never reads)."""
+    return factories.make_template(name="Tiny (test driver)", host=test_host)

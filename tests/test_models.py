@@ -7,21 +7,20 @@ from django.contrib.auth.models import Group
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 
-from provisioning.models import Guest, GuestTemplate, Host, Job, Media, Network, Quota
+from provisioning.models import Guest, GuestTemplate, Host, Job, Media, Quota
+from tests.factories import make_guest, make_host, make_media, make_network
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
 def host() -> Host:
-    return Host.objects.create(name="hv1", uri="test+unix:///default")
+    return make_host("hv1", pool=None)
 
 
 @pytest.fixture
 def kernel_media() -> Media:
-    return Media.objects.create(
-        name="k", kind=Media.Kind.KERNEL, kernel_path="/boot/vmlinuz", initrd_path="/boot/initrd"
-    )
+    return make_media(Media.Kind.KERNEL)
 
 
 def template(**overrides) -> GuestTemplate:
@@ -53,7 +52,7 @@ def test_pxe_templates_need_a_network_and_kernel_templates_need_kernel_media(hos
     with pytest.raises(ValidationError) as caught:
         template(method=GuestTemplate.Method.PXE).full_clean()
     assert "network" in caught.value.message_dict
-    net = Network.objects.create(host=host, name="lan", source="default")
+    net = make_network(host, "lan")
     template(name="pxe", method=GuestTemplate.Method.PXE, network=net).full_clean()
     with pytest.raises(ValidationError) as caught:
         template(method=GuestTemplate.Method.KERNEL).full_clean()
@@ -85,7 +84,7 @@ def test_a_quota_belongs_to_exactly_one_user_or_group(make_user) -> None:
 
 
 def test_only_one_active_job_per_guest(host: Host, make_user) -> None:
-    guest = Guest.objects.create(owner=make_user("bob"), host=host, name="g1")
+    guest = make_guest(owner=make_user("bob"), host=host, name="g1")
     Job.objects.create(kind=Job.Kind.SUSPEND, guest=guest)
     with pytest.raises(IntegrityError), transaction.atomic():
         Job.objects.create(kind=Job.Kind.RESUME, guest=guest, status=Job.Status.RUNNING)
@@ -96,13 +95,13 @@ def test_only_one_active_job_per_guest(host: Host, make_user) -> None:
 def test_guest_names_are_unique_per_host_among_guests_that_exist(host: Host, make_user) -> None:
     owner = make_user("carol")
     running = Guest.State.RUNNING
-    Guest.objects.create(owner=owner, host=host, name="web", state=running)
-    other = Host.objects.create(name="hv2", uri="qemu+ssh://hv2/system")
-    Guest.objects.create(owner=owner, host=other, name="web", state=running)
+    make_guest(owner=owner, host=host, name="web", state=running)
+    other = make_host("hv2", uri="qemu+ssh://hv2/system", pool=None)
+    make_guest(owner=owner, host=other, name="web", state=running)
     with pytest.raises(IntegrityError), transaction.atomic():
-        Guest.objects.create(owner=owner, host=host, name="web", state=Guest.State.DEFINED)
+        make_guest(owner=owner, host=host, name="web", state=Guest.State.DEFINED)
     # A deleted (undefined) guest frees its name for a new one.
-    Guest.objects.create(owner=owner, host=host, name="web", state=Guest.State.UNDEFINED)
+    make_guest(owner=owner, host=host, name="web", state=Guest.State.UNDEFINED)
 
 
 def test_names_that_libvirt_would_refuse_are_invalid(host: Host, make_user) -> None:

@@ -26,9 +26,8 @@ from provisioning.demo.tinyguest import (
     parse_console,
     runtime_cmdline,
 )
+from tests.support.qemu import DEMO_CACHE as CACHE_DIR
 
-REPO = Path(__file__).resolve().parents[2]
-CACHE_DIR = REPO / "var" / "demo"
 QEMU = "qemu-system-x86_64"
 # Each phase takes 5-15 s under TCG here; the deadline leaves room for a loaded machine.
 DEADLINE = 60.0

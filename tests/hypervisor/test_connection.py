@@ -20,9 +20,8 @@ from provisioning.hypervisor import (
     get_hypervisor,
 )
 from provisioning.hypervisor.connection import _cache
-
-from .conftest import TEST_URI
-from .test_purity import ROOT
+from tests.support.isolation import ROOT
+from tests.support.libvirt import TEST_URI
 
 
 def lost() -> ConnectionLost:

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import secrets
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,10 +34,14 @@ from provisioning.hypervisor.domxml import (
     random_mac,
     read_metadata,
 )
+from tests.support.libvirt import QEMU_URI, TEST_URI
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 POOL = "vmportal-xmltest"
 NETWORK = "vmportal-xmltest"
+# What the documents sent to a real libvirtd use instead: names no other test process shares.
+LIVE_POOL = f"vmportal-xmltest-{secrets.token_hex(3)}"
+LIVE_NETWORK = f"vmportal-xmltest-{secrets.token_hex(3)}"
 DISK_VOLUME = "golden-guest.qcow2"
 ISO_VOLUME = "installer.iso"
 SCHEMA = Path("/usr/share/libvirt/schemas/domain.rng")
@@ -587,29 +592,9 @@ def test_generated_documents_are_valid_against_libvirts_schema() -> None:
 # --------------------------------------------------------------------------- real libvirt
 
 
-def _remove_stale_pool(conn: libvirt.virConnect) -> None:
-    with contextlib.suppress(libvirt.libvirtError):
-        stale = conn.storagePoolLookupByName(POOL)
-        if stale.isActive():
-            for volume in stale.listAllVolumes():
-                volume.delete(0)
-            stale.destroy()
-        with contextlib.suppress(libvirt.libvirtError):
-            stale.delete(0)
-        stale.undefine()
-
-
-def _remove_stale_network(conn: libvirt.virConnect) -> None:
-    with contextlib.suppress(libvirt.libvirtError):
-        stale = conn.networkLookupByName(NETWORK)
-        if stale.isActive():
-            stale.destroy()
-        stale.undefine()
-
-
 def _pool_xml(path: Path) -> str:
     pool = etree.Element("pool", type="dir")
-    etree.SubElement(pool, "name").text = POOL
+    etree.SubElement(pool, "name").text = LIVE_POOL
     etree.SubElement(etree.SubElement(pool, "target"), "path").text = str(path)
     return etree.tostring(pool, encoding="unicode")
 
@@ -625,13 +610,13 @@ def _volume_xml(name: str, volume_format: str) -> str:
 def _isolated_network_xml() -> str:
     # No <forward>: an isolated network; defining it (not starting it) is enough for define.
     network = etree.Element("network")
-    etree.SubElement(network, "name").text = NETWORK
+    etree.SubElement(network, "name").text = LIVE_NETWORK
     return etree.tostring(network, encoding="unicode")
 
 
 @pytest.fixture(scope="module")
 def qemu_conn() -> Iterator[libvirt.virConnect]:
-    conn = libvirt.open("qemu:///system")
+    conn = libvirt.open(QEMU_URI)
     try:
         yield conn
     finally:
@@ -643,9 +628,7 @@ def xmltest_pool(
     qemu_conn: libvirt.virConnect, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[libvirt.virStoragePool]:
     """A throwaway dir pool with the golden disk and ISO volumes, plus an isolated network."""
-    _remove_stale_pool(qemu_conn)
-    _remove_stale_network(qemu_conn)
-    path = tmp_path_factory.mktemp("pool") / "vmportal-xmltest"
+    path = tmp_path_factory.mktemp("pool") / LIVE_POOL
     pool = qemu_conn.storagePoolDefineXML(_pool_xml(path), 0)
     network = None
     try:
@@ -677,9 +660,26 @@ def defined(conn: libvirt.virConnect, xml: str) -> Iterator[libvirt.virDomain]:
         domain.undefine()
 
 
+def _live_ref(source: Any) -> Any:
+    if isinstance(source, VolumeRef) and source.pool == POOL:
+        return dataclasses.replace(source, pool=LIVE_POOL)
+    return source
+
+
 def _throwaway(spec: GuestSpec, case: str) -> GuestSpec:
-    # Own name and UUID, so a parallel run or a leftover never clashes with this one.
-    return dataclasses.replace(spec, name=f"vmportal-xmltest-{case}"[:63], uuid=str(uuid.uuid4()))
+    # Own name and UUID, so a parallel run or a leftover never clashes with this one; the
+    # module's own pool and network in place of the goldens' fixed names.
+    return dataclasses.replace(
+        spec,
+        name=f"vmportal-xmltest-{case}"[:63],
+        uuid=str(uuid.uuid4()),
+        disks=tuple(dataclasses.replace(d, source=_live_ref(d.source)) for d in spec.disks),
+        nics=tuple(
+            dataclasses.replace(nic, network=LIVE_NETWORK) if nic.network == NETWORK else nic
+            for nic in spec.nics
+        ),
+        media=dataclasses.replace(spec.media, iso=_live_ref(spec.media.iso)),
+    )
 
 
 @pytest.mark.parametrize(
@@ -722,7 +722,7 @@ def test_libvirt_schema_accepts_the_bootloader_final_though_qemu_refuses_bootloa
     # QEMU says "bootloader is not supported by QEMU" (it is a Xen feature), so the schema check
     # runs on the test driver, which validates against the same schema without that rule.
     spec = _throwaway(GOLDEN_CASES["kernel-final-bootloader"][0], "bootloader")
-    conn = libvirt.open("test+unix:///default")
+    conn = libvirt.open(TEST_URI)
     try:
         with defined(conn, final_xml(spec)) as domain:
             assert "<bootloader>/usr/lib/xen/bin/pygrub</bootloader>" in domain.XMLDesc(0)

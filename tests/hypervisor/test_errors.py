@@ -27,8 +27,8 @@ from provisioning.hypervisor import (
     translating,
 )
 from provisioning.hypervisor.connection import open_connection
-
-from .conftest import new_uuid
+from tests.support.domains import UNREACHABLE_TEST_URI, new_uuid
+from tests.support.libvirt import TEST_POOL
 
 
 def fake_error(code: int, domain: int, message: str = "boom") -> libvirt.libvirtError:
@@ -132,7 +132,7 @@ def test_a_missing_domain_is_not_found(test_hv: Hypervisor) -> None:
 
 def test_a_missing_pool_and_volume_are_not_found(test_hv: Hypervisor) -> None:
     conn = test_hv.connection()
-    pool = conn.storagePoolLookupByName("default-pool")
+    pool = conn.storagePoolLookupByName(TEST_POOL)
 
     assert isinstance(raw_error(lambda: conn.storagePoolLookupByName("nope")), NotFound)
     assert isinstance(raw_error(lambda: pool.storageVolLookupByName("nope")), NotFound)
@@ -191,4 +191,4 @@ def test_operation_invalid_is_wrong_state(test_hv: Hypervisor, make_guest) -> No
 
 def test_an_unreachable_daemon_is_unreachable() -> None:
     with pytest.raises(Unreachable):
-        open_connection("test+unix:///default?socket=/nonexistent/libvirt-sock")
+        open_connection(UNREACHABLE_TEST_URI)

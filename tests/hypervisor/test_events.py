@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import queue
 import threading
 from collections.abc import Iterator
 
@@ -20,40 +19,10 @@ from provisioning.hypervisor import (
     suspend,
     undefine,
 )
-
-from .conftest import TEST_URI, wait_until
-
-DEADLINE = 10.0
-
-
-class Inbox:
-    """Events collected by a listener, awaited with a deadline."""
-
-    def __init__(self) -> None:
-        self.events: queue.Queue[LifecycleEvent] = queue.Queue()
-        self.states: queue.Queue[bool] = queue.Queue()
-
-    def __call__(self, event: LifecycleEvent) -> None:
-        self.events.put(event)
-
-    def expect(
-        self, uuid: str, event: str, detail: str | None = None, timeout: float = DEADLINE
-    ) -> LifecycleEvent:
-        """The next event for uuid matching event (and detail); others are skipped."""
-        try:
-            while True:
-                got = self.events.get(timeout=timeout)
-                if got.uuid == uuid and got.event == event and detail in (None, got.detail):
-                    return got
-        except queue.Empty:
-            raise AssertionError(f"no {event}/{detail} event for {uuid} in {timeout} s") from None
-
-    def expect_state(self, connected: bool, timeout: float = DEADLINE) -> None:
-        try:
-            while self.states.get(timeout=timeout) is not connected:
-                pass
-        except queue.Empty:
-            raise AssertionError(f"listener never reported connected={connected}") from None
+from tests.support.domains import UNREACHABLE_TEST_URI
+from tests.support.events import DEADLINE, Inbox
+from tests.support.libvirt import TEST_URI
+from tests.support.stack import wait_until
 
 
 @pytest.fixture
@@ -149,8 +118,9 @@ def test_a_failing_state_callback_does_not_stop_the_listener(test_hv: Hypervisor
 
 
 def test_it_keeps_retrying_an_unreachable_uri_and_stops_cleanly(inbox: Inbox) -> None:
-    uri = "test+unix:///default?socket=/nonexistent/libvirt-sock"
-    listener = EventListener(uri, inbox, on_state=inbox.states.put, min_backoff=0.05)
+    listener = EventListener(
+        UNREACHABLE_TEST_URI, inbox, on_state=inbox.states.put, min_backoff=0.05
+    )
     listener.start()
 
     inbox.expect_state(False)

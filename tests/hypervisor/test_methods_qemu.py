@@ -42,12 +42,12 @@ from provisioning.hypervisor.domxml import (
     install_xml,
     random_mac,
 )
-from tests.hypervisor.qemu_support import (
+from tests.support.libvirt import QEMU_URI
+from tests.support.qemu import (
     DEMO_CACHE,
     DOMAIN_TYPE,
     MIB,
     POOL_PARENT,
-    QEMU_URI,
     STAGE_PARENT,
     EventLog,
     StagedMedia,

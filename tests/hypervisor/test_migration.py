@@ -1,9 +1,10 @@
-"""Migration between two real libvirt hosts on this machine: the main libvirtd and a second one.
+"""Migration between two real libvirt hosts on this machine: this test process's libvirtd (host A,
+QEMU_URI) and a second one (host B, tests/support/hosts.py).
 
-The second host is a libvirtd in its own mount namespace (scripts/second-libvirtd.sh) with its
-own host UUID; both see /var/lib/libvirt/images, so a pool defined on both at the same folder is
-shared storage. The tiny guest is installed once onto a volume in that pool (marker written by
-host A); each test boots a copy of it with the runtime initramfs, which prints
+Host B is a libvirtd in a mount namespace of its own (scripts/second-libvirtd.sh) with its own
+host UUID, as host A is; both see /var/lib/libvirt/images, so a pool defined on both at the same
+folder is shared storage. The tiny guest is installed once onto a volume in that pool (marker
+written by host A); each test boots a copy of it with the runtime initramfs, which prints
 ``VMPORTAL-DISK: <marker>`` read from its disk and then ``VMPORTAL-ALIVE <uptime>`` every 5 s.
 A guest that keeps counting its uptime across a migration was moved, not rebooted.
 """
@@ -57,10 +58,11 @@ from provisioning.hypervisor import (
 )
 from provisioning.hypervisor.migration import _explain as explain_migration_error
 from provisioning.hypervisor.migration import _progress as progress_from_stats
+from tests.support.domains import domain_xml, new_uuid
 from tests.support.hosts import SCRIPT, SecondHost, second_host, second_libvirtd  # noqa: F401
-
-from .conftest import domain_xml, new_uuid, wait_until
-from .qemu_support import DEMO_CACHE, DOMAIN_TYPE, POOL_PARENT, QEMU_URI, STAGE_PARENT, unique
+from tests.support.libvirt import QEMU_URI
+from tests.support.qemu import DEMO_CACHE, DOMAIN_TYPE, POOL_PARENT, STAGE_PARENT, unique
+from tests.support.stack import wait_until
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(600)]
 
@@ -388,7 +390,8 @@ def test_the_second_host_has_its_own_host_uuid_and_name(
 
 
 def test_it_refuses_to_migrate_to_the_same_host_under_another_uri(host_a: Hypervisor) -> None:
-    alias = QEMU_URI.replace("qemu:///", "qemu+unix:///", 1)
+    # The same socket spelt with a ./ segment: another URI, the same daemon.
+    alias = QEMU_URI.replace("/sock/libvirt-sock", "/sock/./libvirt-sock", 1)
     if alias == QEMU_URI:
         pytest.skip(f"no second URI form known for {QEMU_URI}")
     same = Hypervisor(alias)

@@ -38,8 +38,7 @@ from provisioning.hypervisor import (
     undefine,
     wait_for_stop,
 )
-
-from .conftest import METADATA_NS, new_uuid
+from tests.support.domains import METADATA_NS, new_uuid
 
 
 @pytest.fixture

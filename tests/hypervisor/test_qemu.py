@@ -1,4 +1,4 @@
-"""Real QEMU guests (TCG) through qemu:///system: the tiny guest from provisioning.demo."""
+"""Real QEMU guests (TCG) through this process's libvirtd: the tiny guest of provisioning.demo."""
 
 from __future__ import annotations
 
@@ -47,14 +47,14 @@ from provisioning.hypervisor import (
     wait_for_stop,
 )
 from provisioning.hypervisor.probe import BANNER, PROBE_NAME_PREFIX
-
-from .conftest import QEMU_URI, domain_xml, new_uuid, wait_until
-from .test_events import Inbox
+from tests.support.domains import domain_xml, new_uuid
+from tests.support.events import Inbox
+from tests.support.libvirt import QEMU_URI
+from tests.support.qemu import DEMO_CACHE, MIB, POOL_PARENT
+from tests.support.stack import wait_until
 
 pytestmark = pytest.mark.qemu
 
-DEMO_DIR = Path(__file__).resolve().parents[2] / "var" / "demo"
-MIB = 1024 * 1024
 DISK_BYTES = 80 * MIB  # the installer wants at least 64 MiB
 MEMORY_MIB = 192  # the installer needs 128 MiB
 BOOT_TIMEOUT = 60.0
@@ -76,9 +76,9 @@ def qemu_hv() -> Iterator[Hypervisor]:
 def tiny():  # -> TinyGuest
     from provisioning.demo import tinyguest
 
-    guest = tinyguest.cached(DEMO_DIR)
+    guest = tinyguest.cached(DEMO_CACHE)
     if guest is None:
-        guest = tinyguest.build(DEMO_DIR)
+        guest = tinyguest.build(DEMO_CACHE)
     return guest
 
 
@@ -86,7 +86,7 @@ def tiny():  # -> TinyGuest
 def pool(qemu_hv: Hypervisor) -> Iterator[str]:
     """A throwaway directory pool, removed with its volumes afterwards."""
     name = f"vmportal-hvtest-{uuid_module.uuid4().hex[:8]}"
-    ensure_dir_pool(qemu_hv, name, f"/var/lib/libvirt/images/{name}")
+    ensure_dir_pool(qemu_hv, name, str(POOL_PARENT / name))
     yield name
     remove_pool(qemu_hv, name, delete_volumes=True)
 
@@ -377,7 +377,7 @@ def test_clone_volume_copies_a_qcow2_disk(qemu_hv: Hypervisor, pool: str) -> Non
 
 def test_remove_pool_deletes_its_volumes_and_directory(qemu_hv: Hypervisor) -> None:
     name = f"vmportal-hvtest-{uuid_module.uuid4().hex[:8]}"
-    path = Path("/var/lib/libvirt/images") / name
+    path = POOL_PARENT / name
     ensure_dir_pool(qemu_hv, name, str(path))
     create_volume(qemu_hv, name, "disk.qcow2", MIB)
 

@@ -20,8 +20,8 @@ from provisioning.hypervisor import (
     list_volumes,
     remove_pool,
 )
+from tests.support.libvirt import TEST_POOL as POOL
 
-POOL = "default-pool"
 MIB = 1024 * 1024
 
 

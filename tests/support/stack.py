@@ -19,6 +19,8 @@ from django.db import connection
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
+# Each test process (xdist worker) logs its processes apart: the tests read these logs.
+LOGS = ARTIFACTS / "logs" / os.environ.get("PYTEST_XDIST_WORKER", "main")
 VENV_BIN = Path(sys.executable).parent
 T = TypeVar("T")
 
@@ -64,10 +66,9 @@ class Proc:
     """A child process with its output in test-artifacts/logs/<name>.log."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        logs = ARTIFACTS / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
+        LOGS.mkdir(parents=True, exist_ok=True)
         self.name = name
-        self.log_path = logs / f"{name}.log"
+        self.log_path = LOGS / f"{name}.log"
         self._log = self.log_path.open("ab")
         self.popen = subprocess.Popen(
             argv,
@@ -182,3 +183,46 @@ def start_beat(env: dict[str, str], *, name: str = "beat") -> Proc:
 
 def start_listener(env: dict[str, str], *, name: str = "listener") -> Proc:
     return Proc(name, [sys.executable, "manage.py", "run_listener"], env)
+
+
+class Stack:
+    """The portal's processes running against this test's database and Redis."""
+
+    def __init__(self, redis_server: RedisServer, libvirt_uri: str) -> None:
+        self.redis = redis_server
+        self.env = process_env(redis_url=redis_server.url, LIBVIRT_URI=libvirt_uri)
+        self.procs: dict[str, Proc] = {}
+        self.base_url = ""
+
+    def start(self, *parts: str) -> Stack:
+        for part in parts:
+            if part == "web":
+                self.procs["web"], self.base_url = start_web(self.env)
+            elif part == "worker":
+                self.procs["worker"] = start_worker(self.env)
+            elif part == "beat":
+                self.procs["beat"] = start_beat(self.env)
+            elif part == "listener":
+                self.procs["listener"] = start_listener(self.env)
+            else:
+                raise ValueError(part)
+        return self
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.stop()
+
+
+def point_celery_at(url: str) -> None:
+    """Send this process's tasks to the broker at url (the app caches its connections)."""
+    from kombu import pools
+
+    from vmportal.celery import app
+
+    app.conf.broker_url = url
+    # The app's pools are kombu's process-wide ones, kept per broker URL. Closing one but leaving
+    # it registered made a later test whose Redis got the same port (or the suite's own Redis,
+    # pointed at again) fail with "Acquire on closed pool": close them all and forget them.
+    pools.reset()
+    app._pool = None
+    app.amqp._producer_pool = None
