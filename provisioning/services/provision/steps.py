@@ -78,6 +78,24 @@ def _crash_point(name: str) -> None:
     faults.checkpoint(name)
 
 
+def _still_in(run: Run, status: Status) -> None:
+    """Raise StaleState unless the request is still in `status` (read from the database).
+
+    Called right before what must not happen twice once the request moved on: creating the
+    installer, a rebuild's removing the disks, starting the guest. A duplicate run of a step (a
+    redelivered message) that loaded the request before another run moved it on, and reaches
+    libvirt after the installer already finished, would otherwise install again (seen: a
+    request left waiting for an installer nobody would stop).
+    """
+    actual = (
+        ProvisioningRequest.objects.filter(pk=run.request.pk).values_list("status", flat=True).get()
+    )
+    if actual != status:
+        raise transitions.StaleState(
+            f"request #{run.request.pk}", actual=actual, expected=[status], to=status
+        )
+
+
 class Later(Exception):
     """The step must wait (a guest shutting down); it is queued again after `seconds`."""
 
@@ -174,6 +192,7 @@ def _prepare(run: Run) -> None:
     data = plan.data_volume
     keep_data = plan.rebuild and plan.request.keep_data_disk
     if plan.rebuild:
+        _still_in(run, Status.PREPARING)
         _stop_for_rebuild(run)
         operations.remove_managed_save(plan.hv, plan.uuid)
         # The system disk is made anew from the template, as on the first install; the data
@@ -227,6 +246,7 @@ def _install(run: Run) -> None:
         # Also for a rebuild: createXML starts the inactive persistent guest (same name and
         # UUID) with the installer's config, leaving its persistent config for the next boot.
         install_xml = domxml.install_xml(spec)
+        _still_in(run, Status.INSTALLING)
         try:
             try:
                 # Paused until the final config is in place, so nothing runs half-registered.
@@ -288,6 +308,8 @@ def _boot(run: Run, boot: Callable[[bool], DomainInfo]) -> DomainInfo:
 def _start(run: Run) -> None:
     plan, r = run.plan, run.request
     info = operations.get_info(plan.hv, plan.uuid)
+    if not info.active:
+        _still_in(run, Status.STARTING)
     try:
         if plan.transient and not info.exists:
             xml = domxml.final_xml(plan.spec())

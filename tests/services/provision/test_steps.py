@@ -26,6 +26,7 @@ from provisioning.models import (
 )
 from provisioning.services import events, provision, transitions
 from provisioning.services.provision import CRASH_POINTS, SubmitError
+from provisioning.services.provision import steps
 from provisioning.services.provision.steps import PROGRESS
 from tests.factories import make_guest, make_pool
 from tests.support.engine import (
@@ -455,6 +456,31 @@ def test_the_same_step_delivered_twice_at_once_makes_one_guest_and_one_history(
         assert job.status == Job.Status.SUCCEEDED
         assert job.events.filter(message="Running → Succeeded").count() == 1
         assert job.events.filter(message="Queued → Running").count() == 1
+
+
+def test_a_late_duplicate_of_the_install_step_installs_nothing_once_the_request_moved_on(
+    make_user, test_host: Host, kernel_template: GuestTemplate
+) -> None:
+    # The duplicate-delivery flake, made deterministic: a second run loaded the request while it
+    # was installing, and reaches libvirt only after the first run moved it on and the installer
+    # powered off. Seeing no active domain, it used to create the installer again, leaving the
+    # request waiting for an installer nobody would stop.
+    request = submit(make_user("ann"), kernel_template, "eng-late")
+    late = steps._load(request.pk)  # loaded now, while pending: run on below as if installing
+    provision.advance(request.pk)
+    assert status_of(request) == Status.WAITING
+    finish_installer(request)
+    assert not info_of(request.guest).active
+    assert late is not None
+    late.request.status = Status.INSTALLING
+    with pytest.raises(transitions.StaleState) as stale:
+        steps.STEPS[Status.INSTALLING](late)
+    assert stale.value.actual == Status.WAITING
+    assert not info_of(request.guest).active  # no second installer
+    provision.request_domain_stopped(request.pk)
+    provision.advance(request.pk)
+    assert status_of(request) == Status.RUNNING
+    assert moves(request) == path_of(INSTALL_PATH)
 
 
 def test_two_workers_with_every_task_sent_twice_finish_each_request_once(
