@@ -404,7 +404,7 @@ class JobRef:
     guest_uuid: object | None
 
 
-def request_job(request: ProvisioningRequest) -> JobRef | None:
+def request_job_ref(request: ProvisioningRequest) -> JobRef | None:
     """The job of a request (its latest provision or rebuild job), or None.
 
     A request loaded with `job_pk` and `job_status` annotations (the engine's load) needs no

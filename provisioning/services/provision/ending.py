@@ -43,7 +43,7 @@ def request_domain_stopped(
     if info.active:
         return False  # a reboot inside the installer, or a stale event
     if info.state == GuestState.DEFINED and info.reason == "shutdown":
-        job = transitions.request_job(request)
+        job = transitions.request_job_ref(request)
         try:
             transitions.request_step(
                 request_id,
@@ -76,7 +76,7 @@ def fail(request_id: int, error: str) -> None:
             error=error,
         )
         request = ProvisioningRequest.objects.select_related("guest").get(pk=request_id)
-        job = transitions.request_job(request)
+        job = transitions.request_job_ref(request)
         if job is not None and job.status in Job.ACTIVE:
             transitions.job_move(
                 job.id,
@@ -127,7 +127,7 @@ def cleanup(request_id: int) -> None:
             for volume in plan.volumes:
                 storage.delete_volume(hv, plan.pool.name, volume)
         guest_sync_state(host=request.host, info=DomainInfo.undefined(uuid), guest=guest)
-    job = transitions.request_job(request)
+    job = transitions.request_job_ref(request)
     if job is not None and job.status in Job.ACTIVE:
         to = Job.Status.CANCELLED if request.status == Status.CANCELLED else Job.Status.FAILED
         with contextlib.suppress(transitions.StaleState):

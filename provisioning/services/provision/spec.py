@@ -172,7 +172,7 @@ def plan_of(request: ProvisioningRequest) -> Plan:
 
 
 def load_request(request_id: int) -> ProvisioningRequest:
-    """A request with everything its plan reads, and its job (see `transitions.request_job`),
+    """A request with everything its plan reads, and its job (see `transitions.request_job_ref`),
     in one query."""
     jobs = Job.objects.filter(request=OuterRef("pk"), kind__in=Job.FOR_REQUESTS).order_by(
         "-created"

@@ -355,7 +355,7 @@ def _load(request_id: int) -> Run | None:
     request = load_request(request_id)
     if request.status not in STEPS:
         return None
-    job = transitions.request_job(request)
+    job = transitions.request_job_ref(request)
     return Run(plan_of(request), job)
 
 

@@ -25,8 +25,7 @@ from provisioning.models import (
     RequestEvent,
 )
 from provisioning.services import events, provision, transitions
-from provisioning.services.provision import CRASH_POINTS, SubmitError
-from provisioning.services.provision import steps
+from provisioning.services.provision import CRASH_POINTS, SubmitError, steps
 from provisioning.services.provision.steps import PROGRESS
 from tests.factories import make_guest, make_pool
 from tests.support.engine import (
