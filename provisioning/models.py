@@ -420,6 +420,9 @@ class ProvisioningRequest(models.Model):
     status = models.CharField(max_length=12, choices=Status, default=Status.PENDING, db_index=True)
     error = models.TextField(blank=True)
     deadline = models.DateTimeField(null=True, blank=True)
+    # Set in the commit that fails or cancels the request, cleared once its domain and disks
+    # are gone: a clean-up cut short (a worker lost mid-way) is found and run again.
+    cleanup_pending = models.BooleanField(default=False)
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
     completed = models.DateTimeField(null=True, blank=True)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from datetime import timedelta
 
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
-from provisioning import queue
+from provisioning import faults, queue
 from provisioning.hypervisor import operations, storage
 from provisioning.hypervisor.connection import get_hypervisor
 from provisioning.hypervisor.types import DomainInfo, GuestState
@@ -74,6 +76,7 @@ def fail(request_id: int, error: str) -> None:
             to=Status.FAILED,
             note=error,
             error=error,
+            cleanup_pending=True,
         )
         request = ProvisioningRequest.objects.select_related("guest").get(pk=request_id)
         job = transitions.request_job_ref(request)
@@ -96,6 +99,7 @@ def cancel(request_id: int) -> None:
             expected=ProvisioningRequest.ACTIVE,
             to=Status.CANCELLED,
             note="Cancelled by user",
+            cleanup_pending=True,
         )
         host = Host.objects.get(requests__pk=request_id)
         queue.send_on_commit(queue.CLEANUP_REQUEST, request_id, queue=host.queue)
@@ -119,6 +123,7 @@ def cleanup(request_id: int) -> None:
         uuid = str(guest.uuid)
         operations.destroy(hv, uuid)
         operations.undefine(hv, uuid)
+        faults.checkpoint("cleanup:undefined")  # the crash tests die here, before the disks go
         try:
             plan = plan_of(request)
         except StepFailed:
@@ -134,6 +139,8 @@ def cleanup(request_id: int) -> None:
             transitions.job_move(
                 job.id, expected=Job.ACTIVE, to=to, error=request.error, guest_uuid=job.guest_uuid
             )
+    if request.cleanup_pending:
+        ProvisioningRequest.objects.filter(pk=request_id).update(cleanup_pending=False)
 
 
 def reconcile_requests(host: Host, domains: dict[str, DomainInfo], *, stale_after: float) -> None:
@@ -157,11 +164,16 @@ def reconcile_requests(host: Host, domains: dict[str, DomainInfo], *, stale_afte
                 updated=now
             )
             enqueue_advance(request)
-    # Failed or cancelled requests whose cleanup never ran (its message was lost).
-    for request in ProvisioningRequest.objects.filter(
-        host=host,
-        status__in=(Status.FAILED, Status.CANCELLED),
-        guest__uuid__in=list(domains),
-        guest__state=Guest.State.UNDEFINED,
-    ):
-        cleanup(request.pk)
+    # Failed or cancelled requests whose clean-up never ran (its message was lost) or was cut
+    # short (its worker died between removing the domain and the disks), and older ones whose
+    # domain is back. Touching `updated` spaces the retries out, as above.
+    leftover = ProvisioningRequest.objects.filter(
+        host=host, status__in=(Status.FAILED, Status.CANCELLED)
+    ).filter(
+        Q(cleanup_pending=True, updated__lt=now - timedelta(seconds=stale_after))
+        | Q(guest__uuid__in=list(domains), guest__state=Guest.State.UNDEFINED)
+    )
+    for pk in leftover.values_list("pk", flat=True):
+        log.warning("request #%s was not cleaned up; cleaning up now", pk)
+        ProvisioningRequest.objects.filter(pk=pk).update(updated=now)
+        cleanup(pk)

@@ -198,10 +198,17 @@ def assert_failed_cleanly(hv: Hypervisor, request: ProvisioningRequest, why: str
     """The request failed for `why`, and nothing it made is left in libvirt."""
     assert status_of(request) == Status.FAILED
     assert why in request.error
-    assert footprint(hv, request) == (0, 0, 0)
     guest = guest_of(request)
-    guest.refresh_from_db()
-    assert guest.state == Guest.State.UNDEFINED
+
+    def cleaned_up() -> bool:
+        # The failure commits first; the clean-up (domain, disks, then the guest's row) follows.
+        guest.refresh_from_db(fields=["state"])
+        return footprint(hv, request) == (0, 0, 0) and guest.state == Guest.State.UNDEFINED
+
+    try:
+        wait_until(cleaned_up, timeout=30, what="the clean-up")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; left {footprint(hv, request)}, guest {guest.state}") from None
     job = job_of(request)
     assert job.status == Job.Status.FAILED and job.completed is not None
 
@@ -271,6 +278,31 @@ def test_a_guest_removed_while_its_worker_was_down_fails_the_request_cleanly(
     rig.start("beat")
     wait_status(request, Status.FAILED, RECOVERY_TIMEOUT)
     assert_failed_cleanly(hv, request, "vanished from libvirt")
+
+
+def test_a_clean_up_cut_short_after_the_domain_went_is_finished_by_reconcile(
+    rig: Rig, hv: Hypervisor, make_user, kernel_template: GuestTemplate
+) -> None:
+    rig.start("worker", faults="cleanup:undefined")
+    request = submit(make_user("kim"), kernel_template, "cut1")
+    wait_status(request, Status.WAITING)
+    provision.cancel(request.pk)
+    wait_until(lambda: rig.fired("cleanup:undefined"), timeout=30, what="the crash")
+    # The worker died with the domain gone and the disk still there: nothing in libvirt points
+    # at the disk any more, so only the request can say it is left over.
+    assert footprint(hv, request) == (0, 0, 1)
+    request.refresh_from_db()
+    assert request.status == Status.CANCELLED and request.cleanup_pending
+    rig.start("beat")
+    wait_until(
+        lambda: footprint(hv, request) == (0, 0, 0), timeout=RECOVERY_TIMEOUT, what="the disk to go"
+    )
+    wait_until(
+        lambda: job_of(request).status == Job.Status.CANCELLED, timeout=10, what="the job to end"
+    )
+    request.refresh_from_db()
+    assert not request.cleanup_pending
+    assert "was not cleaned up; cleaning up now" in rig.log("worker")
 
 
 @contextlib.contextmanager
