@@ -154,6 +154,7 @@ class GuestTemplate(models.Model):
         PXE = "pxe", "PXE network install"
         KERNEL = "kernel", "Direct kernel boot install"
         IMPORT = "import", "Import an existing disk"
+        CLOUD = "cloud", "Cloud image with cloud-init"
 
     class Lifecycle(models.TextChoices):
         INSTALL = "install", "Install, then a persistent guest"
@@ -185,7 +186,10 @@ class GuestTemplate(models.Model):
         help_text="Pool for guest disks; the host's first guest-disk pool when empty.",
     )
     base_volume = models.CharField(
-        max_length=255, blank=True, help_text="Import: the volume in the pool to clone."
+        max_length=255,
+        blank=True,
+        help_text="Import: the volume in the pool to clone. Cloud image: the qcow2 or raw image "
+        "each guest's disk is a copy-on-write overlay of.",
     )
     host = models.ForeignKey(
         Host,
@@ -223,6 +227,31 @@ class GuestTemplate(models.Model):
     autostart = models.BooleanField(default=False)
     install_timeout_minutes = models.PositiveIntegerField(
         default=60, validators=[MinValueValidator(1)]
+    )
+    cloud_config = models.TextField(
+        blank=True,
+        help_text="Cloud image: the #cloud-config every guest gets (YAML, checked against "
+        "cloud-init's schema); the guest's hostname, instance-id and default user with the "
+        "owner's keys are merged in.",
+    )
+    cloud_user = models.CharField(
+        max_length=32,
+        default="debian",
+        validators=[
+            RegexValidator(r"^[a-z_][a-z0-9_-]{0,31}$", "Use a lower-case Unix user name.")
+        ],
+        help_text="Cloud image: the default user that gets the owner's SSH keys.",
+    )
+    user_cloud_config = models.BooleanField(
+        "owners may add cloud-config",
+        default=True,
+        help_text="Cloud image: owners may add a cloud-config snippet of their own (64 KiB "
+        "at most, checked against the schema).",
+    )
+    cloud_config_fetches = models.BooleanField(
+        "cloud-config may fetch URLs",
+        default=False,
+        help_text="Allow #include and other parts that make the guest fetch URLs.",
     )
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
@@ -338,6 +367,10 @@ class Guest(models.Model):
     memory_mib = models.PositiveIntegerField(default=512)
     disk_mib = models.PositiveIntegerField(default=0)
     data_disk_mib = models.PositiveIntegerField(default=0, help_text="0: no data disk")
+    # Cloud images: the public keys (authorized_keys lines) and the owner's cloud-config chosen
+    # when the guest was asked for; a rebuild gives the guest the same again.
+    ssh_keys = models.JSONField(default=list, blank=True)
+    cloud_config = models.TextField(blank=True)
     created = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -662,3 +695,27 @@ class ScheduleRun(models.Model):
         if self.job is None or self.job.started is None or self.job.completed is None:
             return None
         return (self.job.completed - self.job.started).total_seconds()
+
+
+class SshKey(models.Model):
+    """A public key a user keeps in their profile, to put on the guests they ask for."""
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="ssh_keys"
+    )
+    name = models.CharField(max_length=100)
+    public_key = models.TextField(help_text="One authorized_keys line: type, key, comment.")
+    fingerprint = models.CharField(max_length=100, help_text="SHA256, as ssh-keygen -l shows.")
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(fields=["owner", "name"], name="ssh_key_name_unique"),
+            models.UniqueConstraint(
+                fields=["owner", "fingerprint"], name="ssh_key_fingerprint_unique"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.fingerprint})"

@@ -37,6 +37,10 @@ SNAPSHOT_FIELDS = (
     "final_boot",
     "bootloader_path",
     "install_timeout_minutes",
+    "cloud_config",
+    "cloud_user",
+    "user_cloud_config",
+    "cloud_config_fetches",
     "name",
 )
 
