@@ -26,6 +26,8 @@ urlpatterns = [
         views.schedule_delete,
         name="schedule-delete",
     ),
+    path("profile/keys/", views.ssh_keys, name="ssh-keys"),
+    path("profile/keys/<int:pk>/remove", views.ssh_key_remove, name="ssh-key-remove"),
     path("requests/<int:pk>/", views.request_detail, name="request-detail"),
     path("requests/<int:pk>/events", streams.request_events, name="request-events"),
     path("requests/<int:pk>/cancel", views.request_cancel, name="request-cancel"),

@@ -14,9 +14,9 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from . import health, selectors
-from .forms import NewGuestForm
-from .models import Guest, GuestTemplate, Host, Job, RebuildSchedule
-from .services import actions, migrate, provision, schedules, transitions
+from .forms import NewGuestForm, SshKeyForm
+from .models import Guest, GuestTemplate, Host, Job, RebuildSchedule, SshKey
+from .services import actions, keys, migrate, provision, schedules, transitions
 
 PAGE_SIZE = 50
 STOP_POLLING = 286  # htmx stops polling on this status
@@ -89,7 +89,7 @@ def new_guest(request: HttpRequest) -> HttpResponse:
         template = templates.get(pk=int(chosen))
     except (ValueError, GuestTemplate.DoesNotExist):
         raise Http404("No such template") from None
-    form = NewGuestForm(request.POST or None, template=template)
+    form = NewGuestForm(request.POST or None, template=template, owner=_user(request))
     if request.method == "POST" and form.is_valid():
         try:
             made = provision.request_submit(
@@ -111,6 +111,43 @@ def new_guest(request: HttpRequest) -> HttpResponse:
     )
     status = 400 if request.method == "POST" else 200
     return render(request, "provisioning/new_guest.html", context, status=status)
+
+
+# --- profile: SSH keys ---
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def ssh_keys(request: HttpRequest) -> HttpResponse:
+    """The user's SSH public keys and a form to add one."""
+    owner = _user(request)
+    form = SshKeyForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            key = keys.ssh_key_add(
+                owner=owner, name=form.cleaned_data["name"], text=form.cleaned_data["public_key"]
+            )
+        except keys.SshKeyError as exc:
+            form.add_error(exc.field, str(exc))
+            if exc.secret:
+                form.forget_public_key()
+        else:
+            messages.success(request, f"Added the key {key.name}.")
+            return redirect("ssh-keys")
+    rows = [(key, key.public_key.split(maxsplit=1)[0]) for key in owner.ssh_keys.all()]
+    return render(request, "provisioning/ssh_keys.html", {"form": form, "keys": rows})
+
+
+@login_required
+@require_POST
+def ssh_key_remove(request: HttpRequest, pk: int) -> HttpResponse:
+    """Remove one of the user's keys (guests that have it keep it)."""
+    try:
+        key = keys.ssh_key_remove(owner=_user(request), key_id=pk)
+    except SshKey.DoesNotExist:
+        raise Http404("No such key") from None
+    messages.success(request, f"Removed the key {key.name}.")
+    return redirect("ssh-keys")
 
 
 # --- requests ---

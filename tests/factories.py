@@ -9,9 +9,12 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractUser
 
+from provisioning import sshkeys
 from provisioning.models import (
     Guest,
     GuestTemplate,
@@ -19,6 +22,7 @@ from provisioning.models import (
     Media,
     Network,
     Quota,
+    SshKey,
     StoragePool,
 )
 from tests.support.libvirt import TEST_POOL, TEST_URI
@@ -167,4 +171,30 @@ def make_guest(
         name=name or _next("guest"),
         state=state,
         **values,
+    )
+
+
+def new_public_key(kind: str = "ed25519", *, bits: int = 2048, comment: str = "") -> str:
+    """A new key's authorized_keys line: ed25519, ecdsa (bits: 256, 384 or 521) or rsa."""
+    key: Any
+    if kind == "ed25519":
+        key = ed25519.Ed25519PrivateKey.generate()
+    elif kind == "ecdsa":
+        curve = {256: ec.SECP256R1, 384: ec.SECP384R1, 521: ec.SECP521R1}[bits]
+        key = ec.generate_private_key(curve())
+    elif kind == "rsa":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    else:
+        raise ValueError(f"no key kind {kind}")
+    line = key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()
+    return f"{line} {comment}" if comment else line
+
+
+def make_ssh_key(
+    *, owner: AbstractUser, name: str | None = None, public_key: str | None = None
+) -> SshKey:
+    """A key in the owner's profile (a new ed25519 key unless `public_key` gives one)."""
+    key = sshkeys.parse(public_key or new_public_key(comment=f"{owner.get_username()}@laptop"))
+    return SshKey.objects.create(
+        owner=owner, name=name or _next("key"), public_key=key.line, fingerprint=key.fingerprint
     )
