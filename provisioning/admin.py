@@ -1,11 +1,14 @@
 """The Django admin: staff curate hosts, storage, media, networks, templates and quotas."""
 
+import copy
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
+from django.forms.models import construct_instance
 from django.http import HttpRequest
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
 from . import models
 from .services import templates
@@ -49,8 +52,26 @@ class MediaAdmin(admin.ModelAdmin):
     search_fields = ("name", "description", "volume", "path", "kernel_path")
 
 
+class GuestTemplateForm(forms.ModelForm):
+    class Meta:
+        model = models.GuestTemplate
+        fields = "__all__"  # noqa: DJ007 - the admin's fieldsets pick the fields
+        widgets = {"cloud_config": forms.Textarea(attrs={"rows": 12, "cols": 90})}
+
+    def clean(self) -> dict[str, Any] | None:
+        data = super().clean()
+        if not self.errors:
+            # The template as it would be saved (the instance takes the form's values later).
+            candidate = construct_instance(self, copy.copy(self.instance))
+            problem = templates.template_base_problem(candidate)
+            if problem:
+                self.add_error("base_volume", problem)
+        return data
+
+
 @admin.register(models.GuestTemplate)
 class GuestTemplateAdmin(admin.ModelAdmin):
+    form = GuestTemplateForm
     list_display = ("name", "method", "lifecycle", "version", "enabled", "host", "updated")
     list_filter = ("method", "lifecycle", "enabled", "host")
     search_fields = ("name", "description")
@@ -86,8 +107,19 @@ class GuestTemplateAdmin(admin.ModelAdmin):
                 )
             },
         ),
+        (
+            "Cloud image (cloud-init)",
+            {
+                "fields": (
+                    "cloud_user",
+                    "cloud_config",
+                    "user_cloud_config",
+                    "cloud_config_fetches",
+                )
+            },
+        ),
         ("Options", {"fields": ("start_paused", "autodestroy", "autostart")}),
-        ("Domain XML of an example guest", {"fields": ("xml_preview",)}),
+        ("Domain XML (and cloud-init seed) of an example guest", {"fields": ("xml_preview",)}),
     )
 
     @admin.display(description="Preview")
@@ -98,10 +130,20 @@ class GuestTemplateAdmin(admin.ModelAdmin):
         if "error" in preview:
             return format_html('<p class="errornote">{}</p>', preview["error"])
         install = preview["install"]
+        seed = format_html_join(
+            "",
+            "<h4>cloud-init {}</h4><pre>{}</pre>",
+            (
+                (name, preview[name])
+                for name in ("meta-data", "user-data", "network-config")
+                if name in preview
+            ),
+        )
         return format_html(
-            "{}<h4>Final (persistent) phase</h4><pre>{}</pre>",
+            "{}<h4>Final (persistent) phase</h4><pre>{}</pre>{}",
             format_html("<h4>Install phase</h4><pre>{}</pre>", install) if install else "",
             preview["final"],
+            seed,
         )
 
     def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
@@ -201,3 +243,16 @@ class TemplateVersionAdmin(admin.ModelAdmin):
     list_display = ("template", "version", "created")
     list_filter = ("template",)
     readonly_fields = ("template", "version", "fields", "created")
+
+
+@admin.register(models.SshKey)
+class SshKeyAdmin(admin.ModelAdmin):
+    list_display = ("owner", "name", "fingerprint", "created")
+    search_fields = ("owner__username", "name", "fingerprint")
+    list_select_related = ("owner",)
+    readonly_fields = ("owner", "public_key", "fingerprint", "created")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        # Keys are added on the owner's profile page, where they are checked; staff may rename
+        # or remove one here, not change the key itself.
+        return False

@@ -5,9 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from django import forms
+from django.contrib.auth.models import User
 
-from provisioning.models import NAME_VALIDATOR, GuestTemplate
+from provisioning.models import NAME_VALIDATOR, GuestTemplate, SshKey
 from provisioning.services.provision import Overrides
+
+
+class _KeyChoices(forms.ModelMultipleChoiceField):
+    def label_from_instance(self, obj: Any) -> str:
+        assert isinstance(obj, SshKey)
+        return f"{obj.name} ({obj.fingerprint})"
 
 
 class NewGuestForm(forms.Form):
@@ -23,10 +30,34 @@ class NewGuestForm(forms.Form):
     autodestroy = forms.BooleanField(
         required=False, label="Destroy when the portal's connection closes (autodestroy)"
     )
+    ssh_keys = _KeyChoices(
+        queryset=SshKey.objects.none(),
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        label="SSH keys",
+    )
+    cloud_config = forms.CharField(
+        required=False,
+        label="Your cloud-config",
+        widget=forms.Textarea(attrs={"rows": 8, "spellcheck": "false"}),
+        help_text="Optional #cloud-config (YAML, 64 KiB at most) merged into the template's: "
+        "packages, runcmd, write_files…",
+    )
 
-    def __init__(self, *args: Any, template: GuestTemplate, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, template: GuestTemplate, owner: User, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.template = template
+        if template.method == GuestTemplate.Method.CLOUD:
+            # Only the owner's own keys are choices: another user's key id is a form error.
+            keys = self.fields["ssh_keys"]
+            assert isinstance(keys, _KeyChoices)
+            keys.queryset = SshKey.objects.filter(owner=owner)
+            keys.initial = [key.pk for key in keys.queryset]
+            keys.help_text = f"Given to the user {template.cloud_user} on the guest"
+        else:
+            del self.fields["ssh_keys"]  # only cloud-init puts keys on a guest
+        if template.method != GuestTemplate.Method.CLOUD or not template.user_cloud_config:
+            del self.fields["cloud_config"]
         for name in GuestTemplate.SIZES:
             low, default, high = template.size_range(name)
             if name == "data_disk_mib" and not high:
@@ -61,7 +92,33 @@ class NewGuestForm(forms.Form):
             start_paused=data.get("start_paused"),
             autostart=data.get("autostart"),
             autodestroy=data.get("autodestroy"),
+            ssh_keys=tuple(key.public_key for key in data.get("ssh_keys") or ()),
+            cloud_config=data.get("cloud_config") or "",
         )
+
+
+class SshKeyForm(forms.Form):
+    """A public key to add to the user's profile: a name and the pasted key."""
+
+    name = forms.CharField(
+        max_length=100, required=False, help_text="The key's comment when left empty"
+    )
+    public_key = forms.CharField(
+        label="Public key",
+        widget=forms.Textarea(
+            attrs={
+                "rows": 4,
+                "spellcheck": "false",
+                "placeholder": "ssh-ed25519 AAAA… you@laptop",
+                "style": "width: 100%; font-family: monospace",
+            }
+        ),
+        help_text="One line, as in ~/.ssh/id_ed25519.pub",
+    )
+
+    def forget_public_key(self) -> None:
+        """Render the key field empty: a pasted private key is never sent back to the browser."""
+        self.data = {**dict(self.data.items()), "public_key": ""}
 
 
 def _range_validator(template: GuestTemplate, field: str) -> Any:

@@ -12,6 +12,8 @@ from django.core.validators import MaxValueValidator, MinValueValidator, RegexVa
 from django.db import models
 from django.db.models import F, Q
 
+from provisioning import cloudinit
+
 NAME_VALIDATOR = RegexValidator(
     r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
     "Use 1-63 letters, digits, dots, dashes or underscores, starting with a letter or digit.",
@@ -327,6 +329,23 @@ class GuestTemplate(models.Model):
             errors["network"] = "PXE installs need a network."
         if self.method == self.Method.IMPORT and not self.base_volume:
             errors["base_volume"] = "Imports need the base volume to clone."
+        if self.method == self.Method.CLOUD:
+            if not self.base_volume:
+                errors["base_volume"] = "Cloud images need the image (a volume in the pool)."
+            if self.media is not None and self.media.kind != Media.Kind.KERNEL:
+                errors["media"] = (
+                    "A cloud image boots from its disk, or from kernel media (its own kernel "
+                    "and initrd) when it has no bootloader."
+                )
+        if self.cloud_config.strip():
+            try:
+                cloudinit.parse_cloud_config(
+                    self.cloud_config,
+                    schema=cloudinit.load_schema(settings.CLOUD_CONFIG_SCHEMA),
+                    allow_fetch=self.cloud_config_fetches,
+                )
+            except cloudinit.CloudConfigError as exc:
+                errors["cloud_config"] = str(exc)
         if self.final_boot == self.FinalBoot.BOOTLOADER and not self.bootloader_path:
             errors["bootloader_path"] = "Give the host bootloader's path."
         if self.lifecycle == self.Lifecycle.TRANSIENT and self.autostart:

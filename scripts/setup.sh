@@ -58,3 +58,18 @@ fi
 mkdir -p static/vendor
 cp node_modules/htmx.org/dist/htmx.min.js static/vendor/htmx.min.js
 cp node_modules/htmx-ext-sse/sse.js static/vendor/htmx-ext-sse.js
+
+# cloud-init's JSON schema for cloud-config, from Debian's cloud-init package (downloaded, never
+# installed: this machine is no cloud guest), so templates and owners' snippets are checked
+# against the cloud-init the demo image runs.
+schema=var/cloud-init/schema-cloud-config-v1.json
+if [[ ! -s $schema ]]; then
+  echo "setup: fetching cloud-init's cloud-config schema"
+  work=$(mktemp -d)
+  (cd "$work" && apt-get download -q cloud-init >/dev/null 2>&1 ||
+    { apt-get update -q >/dev/null && apt-get download -q cloud-init >/dev/null; })
+  dpkg-deb -x "$work"/cloud-init_*.deb "$work/x"
+  mkdir -p "$(dirname "$schema")"
+  cp "$(find "$work/x" -name schema-cloud-config-v1.json | head -1)" "$schema"
+  rm -rf "$work"
+fi

@@ -14,7 +14,7 @@ from django.test import Client
 from provisioning.hypervisor import operations, storage
 from provisioning.hypervisor.connection import Hypervisor, get_hypervisor
 from provisioning.models import Guest, GuestTemplate, Host
-from provisioning.services.provision.spec import data_volume, system_volume
+from provisioning.services.provision.spec import data_volume, seed_volume, system_volume
 from tests import factories
 from tests.support.browser import browser, page  # noqa: F401 - fixtures for every folder
 from tests.support.libvirt import TEST_POOL, TEST_URI
@@ -114,7 +114,7 @@ def remove_guests_of(host: Host) -> None:
         with contextlib.suppress(Exception):
             operations.destroy(hv, uuid)
             operations.undefine(hv, uuid)
-        for volume in (system_volume(guest), data_volume(guest)):
+        for volume in (system_volume(guest), data_volume(guest), seed_volume(guest)):
             with contextlib.suppress(Exception):
                 storage.delete_volume(hv, TEST_POOL, volume)
 

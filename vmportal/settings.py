@@ -187,6 +187,13 @@ RECONCILE_EVERY = env.float("VMPORTAL_RECONCILE_EVERY", default=15.0)
 # A provisioning step or job not moved on for this long lost its worker or its message:
 # reconcile queues it again (steps are idempotent). Tests shorten it to exercise recovery.
 STALE_STEP_SECONDS = env.float("VMPORTAL_STALE_STEP_SECONDS", default=60.0)
+# cloud-init's JSON schema for cloud-config (scripts/setup.sh fetches it from Debian's package).
+CLOUD_CONFIG_SCHEMA = Path(
+    env.str(
+        "VMPORTAL_CLOUD_CONFIG_SCHEMA",
+        default=str(BASE_DIR / "var" / "cloud-init" / "schema-cloud-config-v1.json"),
+    )
+)
 CELERY_BEAT_SCHEDULE = {
     "reconcile": {"task": "provisioning.reconcile", "schedule": RECONCILE_EVERY},
 }

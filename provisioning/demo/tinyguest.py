@@ -509,7 +509,12 @@ def _run(step: str, argv: Sequence[str], *, cwd: Path | None = None) -> str:
 def _download_kernel(dest: Path) -> Path:
     """Download the versioned package the kernel meta package depends on."""
     dest.mkdir()
-    depends = _run("resolve kernel package", ["apt-cache", "depends", KERNEL_META_PACKAGE])
+    try:
+        depends = _run("resolve kernel package", ["apt-cache", "depends", KERNEL_META_PACKAGE])
+    except BuildError:
+        # A fresh machine (or one whose apt lists were cleaned) knows no packages yet.
+        _run("apt-get update", ["apt-get", "update", "-q"])
+        depends = _run("resolve kernel package", ["apt-cache", "depends", KERNEL_META_PACKAGE])
     names = re.findall(r"^\s*Depends:\s*<?(linux-image-[^\s>]+)>?\s*$", depends, re.MULTILINE)
     if not names:
         raise BuildError(

@@ -64,6 +64,7 @@ from .operations import (
 from .probe import probe_boot, probe_kvm
 from .storage import (
     clone_volume,
+    create_overlay,
     create_volume,
     delete_volume,
     ensure_dir_pool,
@@ -71,6 +72,7 @@ from .storage import (
     get_volume,
     list_volumes,
     remove_pool,
+    upload_bytes,
     upload_file,
 )
 from .types import DomainInfo, GuestState, HostInfo, PoolInfo, VolumeInfo
@@ -95,6 +97,7 @@ __all__ = [
     "WrongState",
     "classify",
     "clone_volume",
+    "create_overlay",
     "create_transient",
     "create_volume",
     "define",
@@ -132,6 +135,7 @@ __all__ = [
     "translated",
     "translating",
     "undefine",
+    "upload_bytes",
     "upload_file",
     "wait_for",
     "wait_for_stop",

@@ -16,8 +16,10 @@ from typing import Literal, get_args
 from lxml import etree
 
 __all__ = [
+    "AGENT_CHANNEL",
     "METADATA_NS",
     "METADATA_PREFIX",
+    "ONE_PHASE_METHODS",
     "BootMedia",
     "DiskSpec",
     "GuestSpec",
@@ -35,7 +37,9 @@ __all__ = [
     "read_metadata",
 ]
 
-Method = Literal["cdrom", "pxe", "kernel", "import"]
+Method = Literal["cdrom", "pxe", "kernel", "import", "cloud"]
+# Methods that run no installer: the guest boots its final config straight away.
+ONE_PHASE_METHODS = ("import", "cloud")
 Phase = Literal["install", "final"]
 
 METADATA_NS = "https://vmportal.dev/xmlns/guest/1"
@@ -88,6 +92,7 @@ DISK_BUSES = ("virtio", "sata", "scsi", "ide", "usb")
 DISK_FORMATS = ("qcow2", "raw")
 NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139", "vmxnet3")
 GRAPHICS_LISTEN = "127.0.0.1"
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 
 class SpecError(ValueError):
@@ -154,6 +159,10 @@ class GuestSpec:
     vnc: bool = True
     metadata: Mapping[str, str] = field(default_factory=dict)
     extra_devices: str | None = None
+    # A cloud-init NoCloud seed (an ISO volume labelled cidata), attached as a CD-ROM.
+    seed: VolumeRef | None = None
+    # The QEMU guest agent's virtio channel (org.qemu.guest_agent.0).
+    agent: bool = False
 
 
 # --------------------------------------------------------------------------- validation
@@ -289,6 +298,10 @@ def _validate(spec: GuestSpec) -> None:
         _require_host_path(spec.serial_log, "serial_log")
     if not isinstance(spec.vnc, bool):
         raise SpecError("vnc: must be a bool")
+    if not isinstance(spec.agent, bool):
+        raise SpecError("agent: must be a bool")
+    if spec.seed is not None:
+        _check_volume(spec.seed, "seed")
 
     targets: set[str] = set()
     for index, disk in enumerate(spec.disks):
@@ -343,6 +356,10 @@ def _validate(spec: GuestSpec) -> None:
             raise SpecError("media.kernel: the kernel method needs a kernel path")
         if media.initrd is None:
             raise SpecError("media.initrd: the kernel method needs an initrd path")
+    if spec.method == "cloud" and spec.seed is None:
+        raise SpecError("seed: the cloud method needs a cloud-init seed volume")
+    if spec.method == "cloud" and (media.kernel is None) != (media.initrd is None):
+        raise SpecError("media: a cloud image boots a kernel and an initrd together, or neither")
 
     _require_choice(spec.final_boot, ("hd", "bootloader"), "final_boot")
     if spec.final_boot == "bootloader":
@@ -506,6 +523,21 @@ def _add_cdrom(devices: etree._Element, spec: GuestSpec) -> None:
     _sub(element, "readonly")
 
 
+def _add_seed(devices: etree._Element, spec: GuestSpec, seed: VolumeRef) -> None:
+    bus = _cdrom_bus(spec)
+    element = _sub(devices, "disk", type="volume", device="cdrom")
+    _sub(element, "driver", name="qemu", type="raw")
+    _sub(element, "source", pool=seed.pool, volume=seed.volume)
+    _sub(element, "target", dev=_cdrom_target(spec, bus), bus=bus)
+    _sub(element, "readonly")
+
+
+def _add_agent(devices: etree._Element) -> None:
+    # libvirt picks the host-side socket itself (under its own run directory).
+    channel = _sub(devices, "channel", type="unix")
+    _sub(channel, "target", type="virtio", name=AGENT_CHANNEL)
+
+
 def _add_nic(devices: etree._Element, nic: NicSpec) -> None:
     if nic.network is not None:
         element = _sub(devices, "interface", type="network")
@@ -522,7 +554,7 @@ def _add_nic(devices: etree._Element, nic: NicSpec) -> None:
 
 
 def _add_os(root: etree._Element, spec: GuestSpec, phase: Phase) -> None:
-    installing = phase == "install" and spec.method != "import"
+    installing = phase == "install" and spec.method not in ONE_PHASE_METHODS
     if not installing and spec.final_boot == "bootloader":
         # Xen PV style: a host-side bootloader picks the kernel out of the guest's disk.
         _sub(root, "bootloader", str(spec.bootloader))
@@ -538,6 +570,13 @@ def _add_os(root: etree._Element, spec: GuestSpec, phase: Phase) -> None:
             _sub(os_element, "cmdline", spec.media.cmdline)
         return
     if not installing and spec.final_boot == "bootloader":
+        return
+    if spec.method == "cloud" and spec.media.kernel is not None:
+        # A cloud image's own kernel and initrd, booted directly: the image needs no bootloader.
+        _sub(os_element, "kernel", str(spec.media.kernel))
+        _sub(os_element, "initrd", str(spec.media.initrd))
+        if spec.media.cmdline:
+            _sub(os_element, "cmdline", spec.media.cmdline)
         return
     _sub(os_element, "boot", dev="hd")
     if installing and spec.method == "cdrom":
@@ -559,7 +598,7 @@ def build_xml(spec: GuestSpec, phase: Phase) -> str:
     """Render spec as a libvirt domain XML document for the install or final phase."""
     _require_choice(phase, get_args(Phase), "phase")
     _validate(spec)
-    installing = phase == "install" and spec.method != "import"
+    installing = phase == "install" and spec.method not in ONE_PHASE_METHODS
 
     root = etree.Element("domain", type=spec.domain_type)
     _sub(root, "name", spec.name)
@@ -586,6 +625,8 @@ def build_xml(spec: GuestSpec, phase: Phase) -> str:
         _add_disk(devices, disk)
     if installing and spec.method == "cdrom":
         _add_cdrom(devices, spec)
+    if spec.seed is not None:
+        _add_seed(devices, spec, spec.seed)
     for nic in spec.nics:
         _add_nic(devices, nic)
     serial = _sub(devices, "serial", type="pty")
@@ -599,6 +640,8 @@ def build_xml(spec: GuestSpec, phase: Phase) -> str:
             devices, "graphics", type="vnc", port="-1", autoport="yes", listen=GRAPHICS_LISTEN
         )
         _sub(graphics, "listen", type="address", address=GRAPHICS_LISTEN)
+    if spec.agent:
+        _add_agent(devices)
     rng = _sub(devices, "rng", model="virtio")
     _sub(rng, "backend", "/dev/urandom", model="random")
     if spec.extra_devices is not None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import libvirt
 from lxml import etree
@@ -18,6 +20,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "clone_volume",
+    "create_overlay",
     "create_volume",
     "delete_volume",
     "ensure_dir_pool",
@@ -25,6 +28,7 @@ __all__ = [
     "get_volume",
     "list_volumes",
     "remove_pool",
+    "upload_bytes",
     "upload_file",
 ]
 
@@ -253,21 +257,34 @@ def upload_file(
     A failed upload deletes the half-written volume.
     """
     source = Path(local_path)
-    size = source.stat().st_size
+    with source.open("rb") as handle:
+        return _upload(hv, pool, name, source.stat().st_size, handle, fmt)
 
+
+def upload_bytes(
+    hv: Hypervisor, pool: str, name: str, data: bytes, *, fmt: str = "raw"
+) -> VolumeInfo:
+    """A new volume holding `data` (a cloud-init seed); Unsupported where the driver takes no
+    uploads (libvirt's test driver). A failed upload deletes the half-written volume."""
+    return _upload(hv, pool, name, len(data), io.BytesIO(data), fmt)
+
+
+def _upload(
+    hv: Hypervisor, pool: str, name: str, size: int, handle: BinaryIO, fmt: str
+) -> VolumeInfo:
     def run(conn: libvirt.virConnect) -> VolumeInfo:
         pool_obj = conn.storagePoolLookupByName(pool)
         _refuse_existing(pool_obj, pool, name)
         vol = pool_obj.createXML(_volume_xml(name, size, fmt), 0)
         stream = conn.newStream(0)
+        handle.seek(0)
         try:
             vol.upload(stream, 0, size, 0)
-            with source.open("rb") as handle:
 
-                def chunk(_stream: libvirt.virStream, nbytes: int, _opaque: object) -> bytes:
-                    return handle.read(min(nbytes, UPLOAD_CHUNK))
+            def chunk(_stream: libvirt.virStream, nbytes: int, _opaque: object) -> bytes:
+                return handle.read(min(nbytes, UPLOAD_CHUNK))
 
-                stream.sendAll(chunk, None)
+            stream.sendAll(chunk, None)
             stream.finish()
         except BaseException:
             with contextlib.suppress(libvirt.libvirtError):
@@ -277,6 +294,31 @@ def upload_file(
             except libvirt.libvirtError as exc:
                 log.warning("could not delete half-uploaded volume %s/%s: %s", pool, name, exc)
             raise
+        return _volume_info(pool, vol)
+
+    return hv.call(run, idempotent=False)
+
+
+def create_overlay(
+    hv: Hypervisor, pool: str, base: str, name: str, capacity_bytes: int
+) -> VolumeInfo:
+    """A new qcow2 volume whose backing file is volume `base` of the same pool (copy on write).
+
+    Its size is `capacity_bytes`, or the base's when that is larger (an overlay cannot be
+    smaller than what it is backed by); AlreadyExists if the name is taken, NotFound without
+    the base.
+    """
+
+    def run(conn: libvirt.virConnect) -> VolumeInfo:
+        pool_obj = conn.storagePoolLookupByName(pool)
+        base_vol = pool_obj.storageVolLookupByName(base)
+        _refuse_existing(pool_obj, pool, name)
+        base_info = _volume_info(pool, base_vol)
+        root = _parse(_volume_xml(name, max(capacity_bytes, base_info.capacity), "qcow2"))
+        backing = etree.SubElement(root, "backingStore")
+        etree.SubElement(backing, "path").text = base_info.path
+        etree.SubElement(backing, "format", type=base_info.format or "raw")
+        vol = pool_obj.createXML(_tostring(root), 0)
         return _volume_info(pool, vol)
 
     return hv.call(run, idempotent=False)

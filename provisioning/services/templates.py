@@ -7,9 +7,10 @@ import uuid as uuidlib
 from django.db import transaction
 from django.db.models import F
 
-from provisioning.hypervisor import domxml, operations
+from provisioning import cloudinit
+from provisioning.hypervisor import domxml, operations, storage
 from provisioning.hypervisor.connection import get_hypervisor
-from provisioning.hypervisor.errors import HypervisorError
+from provisioning.hypervisor.errors import HypervisorError, NotFound
 from provisioning.models import (
     Guest,
     GuestTemplate,
@@ -19,7 +20,7 @@ from provisioning.models import (
     TemplateVersion,
 )
 from provisioning.services.hosts import host_ensure_local
-from provisioning.services.provision import Plan
+from provisioning.services.provision import Plan, StepFailed
 
 PREVIEW_UUID = "00000000-0000-4000-8000-000000000001"
 
@@ -82,15 +83,40 @@ def _plan(template: GuestTemplate, *, name: str, uuid: str) -> Plan:
 
 
 def template_preview(template: GuestTemplate) -> dict[str, str]:
-    """Both phases' domain XML for an example guest, or the reason there is none."""
+    """Both phases' domain XML for an example guest (and a cloud image's seed documents), or
+    the reason there is none."""
     plan = _plan(template, name="example", uuid=PREVIEW_UUID)
+    plan.guest.ssh_keys = ["ssh-ed25519 AAAA...(the owner's chosen keys) owner@example"]
     try:
         spec = plan.spec()
         final = domxml.pretty(domxml.final_xml(spec))
         install = domxml.pretty(domxml.install_xml(spec)) if plan.installs else ""
-    except domxml.SpecError as exc:
+        seed = cloudinit.read_seed_iso(plan.seed()) if plan.cloud else {}
+    except (domxml.SpecError, StepFailed) as exc:
         return {"error": str(exc)}
-    return {"install": install, "final": final}
+    preview = {"install": install, "final": final}
+    for name in ("meta-data", "user-data", "network-config"):
+        if name in seed:
+            preview[name] = seed[name].decode()
+    return preview
+
+
+def template_base_problem(template: GuestTemplate) -> str | None:
+    """Why a cloud image's or import's base volume cannot back guests, or None when it can."""
+    if template.method not in (GuestTemplate.Method.CLOUD, GuestTemplate.Method.IMPORT):
+        return None
+    if not template.base_volume:
+        return None  # the model's own check says so
+    plan = _plan(template, name="example", uuid=PREVIEW_UUID)
+    try:
+        volume = storage.get_volume(plan.hv, plan.pool.name, template.base_volume)
+    except NotFound:
+        return f"There is no volume {template.base_volume} in pool {plan.pool.name} on {plan.host}."
+    except HypervisorError as exc:
+        return f"Could not look for it on {plan.host}: {exc}"
+    if volume.format not in domxml.DISK_FORMATS:
+        return f"It is a {volume.format or 'unknown'} volume; use a qcow2 or raw image."
+    return None
 
 
 def template_validate(template: GuestTemplate) -> list[str]:

@@ -44,6 +44,7 @@ LIVE_POOL = f"vmportal-xmltest-{secrets.token_hex(3)}"
 LIVE_NETWORK = f"vmportal-xmltest-{secrets.token_hex(3)}"
 DISK_VOLUME = "golden-guest.qcow2"
 ISO_VOLUME = "installer.iso"
+SEED_VOLUME = "golden-guest-seed.iso"
 SCHEMA = Path("/usr/share/libvirt/schemas/domain.rng")
 EXTRA_DEVICES = (
     "<watchdog model='i6300esb' action='reset'/>"
@@ -71,6 +72,8 @@ def golden_spec(method: Any, **changes: Any) -> GuestSpec:
         serial_log="/var/log/libvirt/qemu/golden-guest-serial.log",
         metadata={"request": "17", "job": "42", "guest": "9", "template_version": "3"},
     )
+    if method == "cloud":
+        spec = dataclasses.replace(spec, seed=VolumeRef(POOL, SEED_VOLUME), agent=True)
     return dataclasses.replace(spec, **changes)
 
 
@@ -82,6 +85,19 @@ GOLDEN_CASES: dict[str, tuple[GuestSpec, Any]] = {
 }
 GOLDEN_CASES["kernel-final-bootloader"] = (
     golden_spec("kernel", final_boot="bootloader", bootloader="/usr/lib/xen/bin/pygrub"),
+    "final",
+)
+# A cloud image booting its disk, and one booting its own kernel; both carry the seed and agent.
+GOLDEN_CASES["cloud-final"] = (golden_spec("cloud", media=BootMedia()), "final")
+GOLDEN_CASES["cloud-final-own-kernel"] = (
+    golden_spec(
+        "cloud",
+        media=BootMedia(
+            kernel="/var/lib/libvirt/boot/debian-vmlinuz",
+            initrd="/var/lib/libvirt/boot/debian-initrd.img",
+            cmdline="root=LABEL=root ro console=ttyS0",
+        ),
+    ),
     "final",
 )
 GOLDEN_CASES["cdrom-install-q35-iso-path-extra-devices"] = (
@@ -147,6 +163,9 @@ RULES = {
     ("kernel", "final"): (["hd"], "restart", False, False),
     ("import", "install"): (["hd"], "restart", False, False),
     ("import", "final"): (["hd"], "restart", False, False),
+    # One phase, with the media's kernel; the CD-ROM is the cloud-init seed.
+    ("cloud", "install"): ([], "restart", True, True),
+    ("cloud", "final"): ([], "restart", True, True),
 }
 
 
@@ -261,6 +280,20 @@ def test_it_uses_the_bootloader_instead_of_boot_for_a_bootloader_final() -> None
     assert install.findtext("os/kernel") == "/var/lib/libvirt/boot/vmlinuz"
 
 
+def test_it_gives_a_cloud_guest_its_seed_as_a_read_only_cdrom_and_the_agents_channel() -> None:
+    root = tree(final_xml(golden_spec("cloud", media=BootMedia())))
+    (seed,) = root.findall("devices/disk[@device='cdrom']")
+    assert attrs(seed, "source") == {"pool": POOL, "volume": SEED_VOLUME}
+    assert seed.find("readonly") is not None
+    assert attrs(root, "devices/channel") == {"type": "unix"}
+    assert attrs(root, "devices/channel/target") == {
+        "type": "virtio",
+        "name": "org.qemu.guest_agent.0",
+    }
+    assert boot_devices(root) == ["hd"]
+    assert tree(final_xml(golden_spec("kernel"))).find("devices/channel") is None
+
+
 def test_it_makes_import_install_identical_to_final() -> None:
     spec = golden_spec("import")
     assert install_xml(spec) == final_xml(spec)
@@ -350,6 +383,9 @@ def test_it_refuses_an_invalid_spec_naming_the_field(
         ("cdrom", {"media": BootMedia()}, "media.iso"),
         ("cdrom", {"media": BootMedia(iso=VolumeRef("", "x.iso"))}, "media.iso.pool"),
         ("pxe", {"nics": ()}, "nics"),
+        ("cloud", {"seed": None}, "seed"),
+        ("cloud", {"seed": VolumeRef("", "x.iso")}, "seed.pool"),
+        ("cloud", {"media": BootMedia(kernel="/boot/vmlinuz")}, "media"),
     ],
 )
 def test_it_refuses_a_method_without_what_it_needs(
@@ -636,6 +672,7 @@ def xmltest_pool(
         pool.create(0)
         pool.createXML(_volume_xml(DISK_VOLUME, "qcow2"), 0)
         pool.createXML(_volume_xml(ISO_VOLUME, "raw"), 0)
+        pool.createXML(_volume_xml(SEED_VOLUME, "raw"), 0)
         network = qemu_conn.networkDefineXML(_isolated_network_xml())
         yield pool
     finally:
@@ -679,6 +716,7 @@ def _throwaway(spec: GuestSpec, case: str) -> GuestSpec:
             for nic in spec.nics
         ),
         media=dataclasses.replace(spec.media, iso=_live_ref(spec.media.iso)),
+        seed=_live_ref(spec.seed),
     )
 
 

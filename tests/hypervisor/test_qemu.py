@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 import uuid as uuid_module
 from collections.abc import Iterator
@@ -12,6 +14,7 @@ import libvirt
 import pytest
 
 from provisioning.hypervisor import (
+    AlreadyExists,
     DomainInfo,
     EventListener,
     GuestState,
@@ -19,6 +22,7 @@ from provisioning.hypervisor import (
     HypervisorError,
     NotFound,
     clone_volume,
+    create_overlay,
     create_transient,
     create_volume,
     delete_volume,
@@ -42,6 +46,7 @@ from provisioning.hypervisor import (
     start,
     suspend,
     undefine,
+    upload_bytes,
     upload_file,
     wait_for,
     wait_for_stop,
@@ -361,6 +366,42 @@ def test_upload_file_registers_a_local_file_as_a_volume(
         assert Path(info.path).read_bytes() == source.read_bytes()
     finally:
         delete_volume(qemu_hv, pool, "media.img")
+
+
+def test_upload_bytes_writes_a_seed_into_a_new_volume(qemu_hv: Hypervisor, pool: str) -> None:
+    data = bytes(range(256)) * 300
+
+    info = upload_bytes(qemu_hv, pool, "seed.iso", data)
+
+    assert (info.capacity, info.format) == (len(data), "raw")
+    assert Path(info.path).read_bytes() == data
+
+
+def test_an_overlay_reads_through_to_its_base_and_writes_only_itself(
+    qemu_hv: Hypervisor, pool: str
+) -> None:
+    base = upload_bytes(qemu_hv, pool, "base.img", b"BASE" * 1024 * 256)  # 1 MiB, raw
+
+    overlay = create_overlay(qemu_hv, pool, "base.img", "guest.qcow2", 8 * MIB)
+
+    assert (overlay.capacity, overlay.format) == (8 * MIB, "qcow2")
+    described = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", overlay.path],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    assert described["backing-filename"] == base.path
+    assert described["backing-filename-format"] == "raw"
+    assert described["virtual-size"] == 8 * MIB
+    # Smaller than its base: the overlay takes the base's size.
+    assert create_overlay(qemu_hv, pool, "base.img", "small.qcow2", 1).capacity == MIB
+    with pytest.raises(AlreadyExists):
+        create_overlay(qemu_hv, pool, "base.img", "guest.qcow2", 8 * MIB)
+    with pytest.raises(NotFound):
+        create_overlay(qemu_hv, pool, "no-such-base.img", "other.qcow2", 8 * MIB)
 
 
 def test_clone_volume_copies_a_qcow2_disk(qemu_hv: Hypervisor, pool: str) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.db.models import OuterRef, Subquery
 
+from provisioning import cloudinit
 from provisioning.hypervisor import domxml
 from provisioning.hypervisor.connection import Hypervisor, get_hypervisor
 from provisioning.models import (
@@ -33,6 +35,11 @@ def system_volume(guest: Guest) -> str:
 def data_volume(guest: Guest) -> str:
     """The name of a guest's data disk (vdb), beside its system disk."""
     return f"{guest.name}-{guest.uuid.hex[:8]}-data.qcow2"
+
+
+def seed_volume(guest: Guest) -> str:
+    """The name of a cloud guest's cloud-init seed (a small ISO), beside its system disk."""
+    return f"{guest.name}-{guest.uuid.hex[:8]}-seed.iso"
 
 
 @dataclass
@@ -64,16 +71,62 @@ class Plan:
         return data_volume(self.guest) if self.guest.data_disk_mib else None
 
     @property
+    def cloud(self) -> bool:
+        return self.template.method == GuestTemplate.Method.CLOUD
+
+    @property
+    def seed_volume(self) -> str | None:
+        """The cloud-init seed's volume, for a cloud image."""
+        return seed_volume(self.guest) if self.cloud else None
+
+    @property
     def volumes(self) -> list[str]:
-        return [v for v in (self.volume, self.data_volume) if v]
+        """Every volume the guest has: system disk, data disk, seed."""
+        return [v for v in (self.volume, self.data_volume, self.seed_volume) if v]
 
     @property
     def installs(self) -> bool:
-        """Whether an installer runs before the final config (not for imports or one-phase)."""
+        """Whether an installer runs before the final config (not for images or one-phase)."""
         t = self.template
         return (
             t.lifecycle == GuestTemplate.Lifecycle.INSTALL
-            and t.method != GuestTemplate.Method.IMPORT
+            and t.method not in domxml.ONE_PHASE_METHODS
+        )
+
+    @property
+    def instance_id(self) -> str:
+        """cloud-init's instance-id: the guest's UUID, and a new one for every rebuild (so
+        cloud-init runs its once-per-instance modules again)."""
+        return f"{self.uuid}-rebuild-{self.request.pk}" if self.rebuild else self.uuid
+
+    def seed(self) -> bytes:
+        """The guest's NoCloud seed ISO (StepFailed when a cloud-config no longer passes)."""
+        t, g = self.template, self.guest
+        try:
+            schema = cloudinit.load_schema(settings.CLOUD_CONFIG_SCHEMA)
+            template_config = cloudinit.parse_cloud_config(
+                t.cloud_config, schema=schema, allow_fetch=t.cloud_config_fetches
+            )
+            owner_config = (
+                cloudinit.parse_cloud_config(
+                    g.cloud_config, schema=schema, allow_fetch=t.cloud_config_fetches
+                )
+                if t.user_cloud_config
+                else {}
+            )
+        except cloudinit.CloudConfigError as exc:
+            raise StepFailed(f"cloud-config: {exc}") from None
+        user_data = cloudinit.user_data(
+            template=template_config,
+            owner=owner_config,
+            hostname=g.name,
+            user=t.cloud_user,
+            keys=[str(k) for k in g.ssh_keys],
+        )
+        return cloudinit.seed_iso(
+            meta_data=cloudinit.meta_data(instance_id=self.instance_id, hostname=g.name),
+            user_data=user_data,
+            network_config=cloudinit.network_config([g.mac] if t.network and g.mac else []),
         )
 
     @property
@@ -100,7 +153,8 @@ class Plan:
         """The guest as the hypervisor layer builds its XML (SpecError when it cannot be)."""
         t, g = self.template, self.guest
         media = domxml.BootMedia()
-        if t.media is not None and t.method == GuestTemplate.Method.KERNEL:
+        boots_kernel = (GuestTemplate.Method.KERNEL, GuestTemplate.Method.CLOUD)
+        if t.media is not None and t.method in boots_kernel:
             media = domxml.BootMedia(
                 kernel=t.media.kernel_path, initrd=t.media.initrd_path, cmdline=t.kernel_cmdline
             )
@@ -124,12 +178,16 @@ class Plan:
             domain_type=self.domain_type or host_domain_type(host=self.host),
             disks=tuple(
                 domxml.DiskSpec(domxml.VolumeRef(self.pool.name, volume), target=target)
-                for volume, target in zip(self.volumes, ("vda", "vdb"), strict=False)
+                for volume, target in zip(
+                    [v for v in (self.volume, self.data_volume) if v], ("vda", "vdb"), strict=False
+                )
             ),
             nics=nics,
             media=media,
             final_boot=t.final_boot,  # type: ignore[arg-type]
             bootloader=t.bootloader_path or None,
+            seed=domxml.VolumeRef(self.pool.name, self.seed_volume) if self.seed_volume else None,
+            agent=True,
             serial_log=str(console_log_path(g.uuid)),
             metadata={
                 "request": str(self.request.pk),

@@ -208,6 +208,16 @@ def _prepare(run: Run) -> None:
             pass
         except NotFound as exc:
             raise StepFailed(f"base volume {plan.template.base_volume} is missing: {exc}") from exc
+    elif plan.cloud:
+        base = plan.template.base_volume
+        try:
+            storage.create_overlay(
+                plan.hv, plan.pool.name, base, plan.volume, plan.guest.disk_mib * MiB
+            )
+        except AlreadyExists:
+            pass
+        except NotFound as exc:
+            raise StepFailed(f"base image {base} is missing: {exc}") from exc
     else:
         _create_volume(plan, plan.volume, plan.guest.disk_mib)
     note = f"Disk {plan.volume} ready ({plan.guest.disk_mib} MiB)"
@@ -217,8 +227,27 @@ def _prepare(run: Run) -> None:
         if keep_data and made:  # removed behind the portal's back: an empty one will do
             what = "was missing, made anew"
         note += f"; data disk {data} {what} ({plan.guest.data_disk_mib} MiB)"
+    if plan.cloud:
+        note += "; " + _write_seed(plan)
     _crash_point("preparing:done")
     run.move(Status.PREPARING, Status.INSTALLING if plan.installs else Status.DEFINING, note)
+
+
+def _write_seed(plan: Plan) -> str:
+    """Make the cloud-init seed anew (a crashed upload may have left half of one); a log line."""
+    assert plan.seed_volume is not None
+    seed = plan.seed()
+    storage.delete_volume(plan.hv, plan.pool.name, plan.seed_volume)
+    try:
+        storage.upload_bytes(plan.hv, plan.pool.name, plan.seed_volume, seed)
+    except Unsupported:
+        # libvirt's test driver takes no uploads; its guests never read a disk anyway.
+        storage.create_volume(plan.hv, plan.pool.name, plan.seed_volume, len(seed), "raw")
+        return (
+            f"cloud-init seed {plan.seed_volume} made empty, as this host takes no uploads "
+            f"(instance {plan.instance_id})"
+        )
+    return f"cloud-init seed {plan.seed_volume} ready (instance {plan.instance_id})"
 
 
 def _define_final(plan: Plan, spec: domxml.GuestSpec) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 
-from provisioning import queue
+from provisioning import cloudinit, queue
 from provisioning.hypervisor import domxml
 from provisioning.models import (
     NAME_VALIDATOR,
@@ -46,6 +47,8 @@ class Overrides:
     start_paused: bool | None = None
     autostart: bool | None = None
     autodestroy: bool | None = None
+    ssh_keys: tuple[str, ...] = ()  # authorized_keys lines cloud-init puts on the guest
+    cloud_config: str = ""  # the owner's own cloud-config, merged into the template's
 
 
 def checked(template: GuestTemplate, o: Overrides) -> dict[str, Any]:
@@ -71,9 +74,32 @@ def checked(template: GuestTemplate, o: Overrides) -> dict[str, Any]:
         errors["autostart"] = "Transient guests cannot autostart."
     if values["autodestroy"] and not transient:
         errors["autodestroy"] = "Only transient guests can be autodestroyed."
+    values["cloud_config"] = ""
+    if o.cloud_config.strip():
+        problem = _cloud_config_problem(template, o.cloud_config)
+        if problem:
+            errors["cloud_config"] = problem
+        values["cloud_config"] = o.cloud_config
     if errors:
         raise SubmitError(errors)
     return values
+
+
+def _cloud_config_problem(template: GuestTemplate, text: str) -> str | None:
+    """Why the owner's cloud-config cannot go on a guest of this template, or None."""
+    if template.method != GuestTemplate.Method.CLOUD:
+        return "Only cloud images take a cloud-config."
+    if not template.user_cloud_config:
+        return "This template takes no cloud-config of yours."
+    try:
+        cloudinit.parse_cloud_config(
+            text,
+            schema=cloudinit.load_schema(settings.CLOUD_CONFIG_SCHEMA),
+            allow_fetch=template.cloud_config_fetches,
+        )
+    except cloudinit.CloudConfigError as exc:
+        return str(exc)
+    return None
 
 
 def request_place(*, template: GuestTemplate, values: dict[str, Any]) -> Host:
@@ -112,6 +138,7 @@ def request_submit(
     if not template.enabled:
         raise SubmitError({"template": "This template is not offered any more."})
     values = checked(template, overrides)
+    cloud_config = values.pop("cloud_config")
     taken = SubmitError({"name": f"A guest named {overrides.name} exists already."})
     try:
         with transaction.atomic():
@@ -129,6 +156,8 @@ def request_submit(
                 memory_mib=values["memory_mib"],
                 disk_mib=values["disk_mib"],
                 data_disk_mib=values["data_disk_mib"],
+                ssh_keys=list(overrides.ssh_keys),
+                cloud_config=cloud_config,
             )
             request = ProvisioningRequest.objects.create(
                 owner=owner,
