@@ -9,6 +9,7 @@
 #   second-libvirtd.sh purge <dir>          stop, then delete <dir>
 #   second-libvirtd.sh daemon-stop <dir>    stop only libvirtd (its guests and virtlogd go on)
 #   second-libvirtd.sh daemon-start <dir>   start libvirtd again in its namespace (after daemon-stop)
+#   second-libvirtd.sh netns-exec <dir> -- cmd...   run cmd in the daemons' network namespace
 #
 # Inside the namespace private folders from <dir> are bind-mounted over /etc/libvirt,
 # /run/libvirt, /var/lib/libvirt/qemu, /var/log/libvirt and /var/cache/libvirt. Everything else
@@ -19,12 +20,17 @@
 # SECOND_LIBVIRTD_PRIVATE (colon-separated absolute folders, e.g. a console-log folder) gets a
 # private copy under <dir>/private<folder> too, mounted over the folder in the namespace: files the
 # daemon writes there stay its own, as on a host of its own.
+# SECOND_LIBVIRTD_NETNS=1 at start gives the daemons a network namespace of their own too (only
+# loopback, brought up): libvirt networks (bridges, dnsmasq) and guests' NICs exist only in there,
+# and nothing in it routes anywhere else. Clients still reach the daemon through its unix socket;
+# `netns-exec` runs a command (an SSH client, say) with the namespace's network. Without it the
+# daemons share the machine's network (migration between two daemons goes over 127.0.0.1).
 # Needs root (mount namespaces, QEMU as libvirt-qemu); works without systemd.
 set -euo pipefail
 
 usage() {
   echo "usage: $0 start <name> <dir> | uri <dir> | stop <dir> | purge <dir>" \
-    "| daemon-stop <dir> | daemon-start <dir>" >&2
+    "| daemon-stop <dir> | daemon-start <dir> | netns-exec <dir> -- cmd..." >&2
   exit 2
 }
 
@@ -121,7 +127,12 @@ start() {
     echo "second-libvirtd: $dir is too long for a unix socket path" >&2
     exit 2
   fi
-  if [[ -n $(live_pid "$dir/libvirtd.pid" libvirtd) ]] && answers "$dir"; then
+  # A running one is reused only if it has the network namespace asked for (or has none, alike).
+  local want_netns=0 has_netns=0
+  [[ ${SECOND_LIBVIRTD_NETNS:-0} != 1 ]] || want_netns=1
+  [[ ! -e $dir/netns ]] || has_netns=1
+  if ((want_netns == has_netns)) && [[ -n $(live_pid "$dir/libvirtd.pid" libvirtd) ]] &&
+    answers "$dir"; then
     echo "$uri"
     return 0
   fi
@@ -136,9 +147,16 @@ start() {
     mkdir -p "$private" "$dir/private$private"
     chmod 0777 "$dir/private$private"
   done
-  unshare --mount --uts --propagation private -- /bin/bash -euc '
+  local netns=()
+  rm -f "$dir/netns"
+  if ((want_netns)); then
+    netns=(--net)
+    touch "$dir/netns"
+  fi
+  unshare --mount --uts "${netns[@]}" --propagation private -- /bin/bash -euc '
     dir=$1 name=$2 privates=$3
     hostname "$name"
+    [[ ! -e $dir/netns ]] || ip link set lo up
     for private in ${privates//:/ }; do mount --bind "$dir/private$private" "$private"; done
     mount --bind "$dir/etc" /etc/libvirt
     mount --bind "$dir/run" /run/libvirt
@@ -187,7 +205,7 @@ stop() {
   [[ -z $virtlogd_pid ]] || stop_pid "$virtlogd_pid" virtlogd
   # The namespace (and its mounts) went with its last process; drop what only a live daemon uses.
   rm -rf "$dir/run" "$dir/sock"
-  rm -f "$dir/libvirtd.pid" "$dir/virtlogd.pid"
+  rm -f "$dir/libvirtd.pid" "$dir/virtlogd.pid" "$dir/netns"
 }
 
 # libvirtd alone, as a restart of the daemon on a real host: QEMU guests and virtlogd keep running,
@@ -209,7 +227,8 @@ daemon_start() {
     echo "second-libvirtd: no virtlogd runs for $dir; use start instead" >&2
     exit 1
   fi
-  nsenter --target "$vpid" --mount --uts -- libvirtd -d -p "$dir/libvirtd.pid"
+  # --net: the namespace virtlogd has, its own one or the machine's.
+  nsenter --target "$vpid" --mount --uts --net -- libvirtd -d -p "$dir/libvirtd.pid"
   deadline=$((SECONDS + START_TIMEOUT))
   until answers "$dir"; do
     if ((SECONDS >= deadline)); then
@@ -218,6 +237,27 @@ daemon_start() {
     fi
     sleep 0.2
   done
+}
+
+# Run a command in the network namespace of the daemons of <dir> (started with
+# SECOND_LIBVIRTD_NETNS=1); refuses when they share the caller's network, so nothing meant for
+# the namespace's private addresses goes out on the machine's.
+netns_exec() {
+  local dir=$1 pid
+  shift
+  dir=$(cd "$dir" && pwd -P)
+  [[ -e $dir/netns ]] || {
+    echo "second-libvirtd: $dir was not started with SECOND_LIBVIRTD_NETNS=1" >&2
+    exit 1
+  }
+  pid=$(live_pid "$dir/libvirtd.pid" libvirtd)
+  [[ -n $pid ]] || pid=$(live_pid "$dir/virtlogd.pid" virtlogd)
+  [[ -n $pid ]] || { echo "second-libvirtd: no daemon runs for $dir" >&2; exit 1; }
+  if [[ $(readlink "/proc/$pid/ns/net") == "$(readlink /proc/self/ns/net)" ]]; then
+    echo "second-libvirtd: the daemons of $dir share this network namespace" >&2
+    exit 1
+  fi
+  exec nsenter --net="/proc/$pid/ns/net" -- "$@"
 }
 
 case ${1:-} in
@@ -231,6 +271,10 @@ case ${1:-} in
   stop) (($# == 2)) || usage; stop "$2" ;;
   daemon-stop) (($# == 2)) || usage; daemon_stop "$2" ;;
   daemon-start) (($# == 2)) || usage; daemon_start "$2" ;;
+  netns-exec)
+    (($# >= 4)) && [[ $3 == -- ]] || usage
+    netns_exec "$2" "${@:4}"
+    ;;
   purge)
     (($# == 2)) || usage
     stop "$2"

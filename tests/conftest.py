@@ -18,6 +18,7 @@ from provisioning.services.provision.spec import data_volume, seed_volume, syste
 from tests import factories
 from tests.support.browser import browser, page  # noqa: F401 - fixtures for every folder
 from tests.support.libvirt import TEST_POOL, TEST_URI
+from tests.support.netns import netns_host  # noqa: F401 - a fixture for every test
 from tests.support.stack import RedisServer, Stack, point_celery_at
 
 # Playwright's sync API runs an event loop in the test thread; the ORM calls the tests make around
