@@ -390,6 +390,11 @@ class Guest(models.Model):
     # when the guest was asked for; a rebuild gives the guest the same again.
     ssh_keys = models.JSONField(default=list, blank=True)
     cloud_config = models.TextField(blank=True)
+    # What libvirt last said of the running guest's network: [{ip, prefix, mac, family,
+    # source}] with source "lease", "agent" or "arp"; cleared when it stops.
+    addresses = models.JSONField(default=list, blank=True)
+    addresses_checked = models.DateTimeField(null=True, blank=True)
+    agent_connected = models.BooleanField(default=False)
     created = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -407,6 +412,12 @@ class Guest(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def address_list(self) -> list[str]:
+        """The addresses as "ip (source)", IPv4 first."""
+        ordered = sorted(self.addresses, key=lambda a: a.get("family") != "ipv4")
+        return [f"{a['ip']} ({a['source']})" for a in ordered]
 
 
 class ProvisioningRequest(models.Model):

@@ -23,6 +23,7 @@ RUN_MIGRATION = "provisioning.run_migration"
 RECONCILE = "provisioning.reconcile"
 RECONCILE_HOST = "provisioning.reconcile_host"
 SCHEDULED_REBUILD = "provisioning.scheduled_rebuild"
+LOOK_FOR_ADDRESSES = "provisioning.look_for_addresses"
 NAMES = frozenset(
     {
         ADVANCE_REQUEST,
@@ -32,6 +33,7 @@ NAMES = frozenset(
         RECONCILE,
         RECONCILE_HOST,
         SCHEDULED_REBUILD,
+        LOOK_FOR_ADDRESSES,
     }
 )
 

@@ -16,7 +16,15 @@ from django.db.models import Q, QuerySet
 from provisioning.hypervisor import domxml, operations
 from provisioning.hypervisor.connection import get_hypervisor
 from provisioning.hypervisor.errors import HypervisorError
-from provisioning.models import Guest, Host, Job, JobEvent, ProvisioningRequest, ScheduleRun
+from provisioning.models import (
+    Guest,
+    GuestTemplate,
+    Host,
+    Job,
+    JobEvent,
+    ProvisioningRequest,
+    ScheduleRun,
+)
 from provisioning.services import actions, consoles, placement, quotas, transitions
 
 User = AbstractBaseUser | AnonymousUser
@@ -178,7 +186,22 @@ def guest_status(guest: Guest) -> dict[str, Any]:
         "newer_template": newer,
         "host_down": placement.host_is_down(guest.host),
         "other_hosts": list(Host.objects.exclude(pk=guest.host_id).filter(enabled=True)),
+        "ssh_line": ssh_line(guest),
     }
+
+
+def ssh_line(guest: Guest) -> str:
+    """`ssh user@address` for a running guest with an IPv4 address ("" without one); the user
+    is the cloud image's default user, who has the owner's keys."""
+    if guest.state != Guest.State.RUNNING:
+        return ""
+    ipv4 = [a["ip"] for a in guest.addresses if a.get("family") == "ipv4"]
+    if not ipv4:
+        return ""
+    template = guest.template
+    if template is not None and template.method == GuestTemplate.Method.CLOUD:
+        return f"ssh {template.cloud_user}@{ipv4[0]}"
+    return f"ssh {ipv4[0]}"
 
 
 def guest_xml(guest: Guest) -> tuple[str, str]:
@@ -192,8 +215,10 @@ def guest_xml(guest: Guest) -> tuple[str, str]:
         return "", f"Host {guest.host} did not answer: {exc}"
 
 
-def guest_badges(*, owner_id: int | None, limit: int = 500) -> list[tuple[str, str, str, str]]:
-    """(uuid, state, reason, label) of the guests whose badges a dashboard shows live.
+def guest_badges(
+    *, owner_id: int | None, limit: int = 500
+) -> list[tuple[str, str, str, str, list[str]]]:
+    """(uuid, state, reason, label, addresses) of the guests a dashboard shows live.
 
     Rows of a silent host are left out: they keep the page's "unreachable".
     """
@@ -202,8 +227,10 @@ def guest_badges(*, owner_id: int | None, limit: int = 500) -> list[tuple[str, s
     if owner_id is not None:
         guests = guests.filter(owner_id=owner_id)
     return [
-        (str(g.uuid), g.state, g.state_reason, g.get_state_display())
-        for g in guests.only("uuid", "state", "state_reason").order_by("-state_changed")[:limit]
+        (str(g.uuid), g.state, g.state_reason, g.get_state_display(), g.address_list)
+        for g in guests.only("uuid", "state", "state_reason", "addresses").order_by(
+            "-state_changed"
+        )[:limit]
     ]
 
 

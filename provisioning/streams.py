@@ -193,16 +193,22 @@ def dashboard_events(request: HttpRequest) -> StreamingHttpResponse:
         # Every row on connecting (the page may be older than the stream), then only rows whose
         # state changed since the last look.
         changed: list[tuple[str, str]] = []
-        for uuid, state, reason, display in selectors.guest_badges(owner_id=owner_id):
+        for uuid, state, reason, display, addresses in selectors.guest_badges(owner_id=owner_id):
             key = f"{state}/{reason}"
-            if last.get(uuid) == key:
-                continue
-            last[uuid] = key
-            html = render_to_string(
-                "provisioning/htmx/state_badge.html",
-                {"uuid": uuid, "state": state, "reason": reason, "display": display},
-            )
-            changed.append((f"guest-{uuid}", html))
+            if last.get(uuid) != key:
+                last[uuid] = key
+                html = render_to_string(
+                    "provisioning/htmx/state_badge.html",
+                    {"uuid": uuid, "state": state, "reason": reason, "display": display},
+                )
+                changed.append((f"guest-{uuid}", html))
+            shown = " ".join(addresses)
+            if last.get(f"addr-{uuid}", "") != shown:
+                last[f"addr-{uuid}"] = shown
+                html = render_to_string(
+                    "provisioning/htmx/addresses.html", {"addresses": addresses}
+                )
+                changed.append((f"addr-{uuid}", html))
         return changed
 
     return _sse(_stream([channel], render))

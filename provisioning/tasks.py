@@ -16,7 +16,7 @@ from django.conf import settings
 from provisioning import queue
 from provisioning.hypervisor.errors import Busy, ConnectionLost
 from provisioning.models import Host
-from provisioning.services import actions, events, migrate, provision, schedules
+from provisioning.services import actions, addresses, events, migrate, provision, schedules
 
 log = logging.getLogger(__name__)
 # Passing failures: the task runs again later, with backoff.
@@ -57,6 +57,12 @@ def reconcile() -> None:
 def reconcile_host(host_id: int) -> dict[str, Any]:
     """Make one host's rows true to libvirt and catch missed events and stalled steps."""
     return events.reconcile_host(Host.objects.get(pk=host_id))
+
+
+@shared_task(name=queue.LOOK_FOR_ADDRESSES, **RETRIED)
+def look_for_addresses(guest_id: int, since: str, attempt: int) -> None:
+    """One look for a started guest's addresses (it queues the next one itself)."""
+    addresses.look_after_start(guest_id, since, attempt)
 
 
 @shared_task(name=queue.SCHEDULED_REBUILD)

@@ -75,7 +75,7 @@ from .storage import (
     upload_bytes,
     upload_file,
 )
-from .types import DomainInfo, GuestState, HostInfo, PoolInfo, VolumeInfo
+from .types import DomainInfo, GuestAddress, GuestState, HostInfo, PoolInfo, VolumeInfo
 
 __all__ = [
     "AlreadyExists",
@@ -83,6 +83,7 @@ __all__ = [
     "ConnectionLost",
     "DomainInfo",
     "EventListener",
+    "GuestAddress",
     "GuestState",
     "HostInfo",
     "Hypervisor",

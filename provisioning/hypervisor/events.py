@@ -105,7 +105,8 @@ def detail_name(event: int, detail: int) -> str:
 
 @dataclass(frozen=True)
 class LifecycleEvent:
-    """One domain lifecycle event (event='reboot' for a guest-initiated reboot)."""
+    """One domain lifecycle event (event='reboot' for a guest-initiated reboot, 'agent' with
+    detail 'connected' or 'gone' when the guest agent comes or goes)."""
 
     uri: str
     uuid: str
@@ -246,6 +247,14 @@ class EventListener:
         except libvirt.libvirtError:
             close_quietly(conn)
             raise
+        try:
+            callback_ids.append(
+                conn.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE, self._on_agent, None
+                )
+            )
+        except libvirt.libvirtError as exc:
+            log.info("no guest agent events from %s: %s", self.uri, exc)
         return conn, callback_ids
 
     def _disconnect(self, conn: libvirt.virConnect, callback_ids: list[int]) -> None:
@@ -325,6 +334,20 @@ class EventListener:
             self._queue.put(self._event(dom, event_name(event), detail_name(event, detail)))
         except Exception:
             log.exception("could not read a lifecycle event from %s", self.uri)
+
+    def _on_agent(
+        self,
+        _conn: libvirt.virConnect,
+        dom: libvirt.virDomain,
+        state: int,
+        _reason: int,
+        _opaque: object,
+    ) -> None:
+        connected = state == libvirt.VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_CONNECTED
+        try:
+            self._queue.put(self._event(dom, "agent", "connected" if connected else "gone"))
+        except Exception:
+            log.exception("could not read an agent event from %s", self.uri)
 
     def _on_reboot(
         self, _conn: libvirt.virConnect, dom: libvirt.virDomain, _opaque: object

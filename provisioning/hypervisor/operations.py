@@ -26,6 +26,7 @@ import libvirt
 from lxml import etree
 
 from .connection import Hypervisor
+from .domxml import AGENT_CHANNEL
 from .errors import (
     HypervisorError,
     InvalidConfig,
@@ -34,9 +35,10 @@ from .errors import (
     WrongState,
     classify,
 )
-from .types import DomainInfo, GuestState, guest_state, reason_name, state_name
+from .types import DomainInfo, GuestAddress, GuestState, guest_state, reason_name, state_name
 
 __all__ = [
+    "agent_connected",
     "create_transient",
     "define",
     "destroy",
@@ -44,6 +46,7 @@ __all__ = [
     "find_by_name",
     "get_info",
     "get_xml",
+    "guest_addresses",
     "has_managed_save",
     "job_stats",
     "list_domains",
@@ -419,9 +422,73 @@ def start(
     return _act(hv, uuid, "start", lambda dom: dom.createWithFlags(flags), allowed=_STOPPED)
 
 
-def shutdown(hv: Hypervisor, uuid: str) -> DomainInfo:
-    """Ask the guest to power off (ACPI); returns at once. See wait_for_stop."""
+def shutdown(hv: Hypervisor, uuid: str, *, agent: bool = False) -> DomainInfo:
+    """Ask the guest to power off, through its guest agent with agent=True, else by ACPI;
+    returns at once. See wait_for_stop. An agent that does not answer raises Busy."""
+    if agent:
+        flag = libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT
+        return _act(hv, uuid, "shut down", lambda dom: dom.shutdownFlags(flag), allowed=_ACTIVE)
     return _act(hv, uuid, "shut down", lambda dom: dom.shutdown(), allowed=_ACTIVE)
+
+
+# Where addresses come from, in the order they are trusted: a lease the host handed out, what
+# the guest itself says, what the host saw on the wire.
+ADDRESS_SOURCES = (
+    ("lease", libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE),
+    ("agent", libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT),
+    ("arp", libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP),
+)
+
+
+def guest_addresses(hv: Hypervisor, uuid: str) -> list[GuestAddress]:
+    """The running guest's addresses from every source that answers (none for a stopped one).
+
+    Each address appears once, under the first source that knows it; loopback and link-local
+    addresses are left out. A source that cannot answer (no agent, no lease) adds nothing.
+    """
+
+    def run(conn: libvirt.virConnect) -> list[GuestAddress]:
+        dom = _lookup_or_none(conn, uuid)
+        if dom is None or not dom.isActive():
+            return []
+        found: dict[str, GuestAddress] = {}
+        for source, flag in ADDRESS_SOURCES:
+            try:
+                interfaces = dom.interfaceAddresses(flag, 0) or {}
+            except libvirt.libvirtError:
+                continue  # this source knows nothing now (no agent, no ARP entry, no network)
+            for _name, nic in sorted(interfaces.items()):
+                mac = str(nic.get("hwaddr") or "").lower()
+                for addr in nic.get("addrs") or ():
+                    ip = str(addr.get("addr", ""))
+                    if not ip or ip in found or _local_address(ip):
+                        continue
+                    v6 = addr.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV6
+                    found[ip] = GuestAddress(
+                        ip=ip,
+                        prefix=int(addr.get("prefix") or 0),
+                        mac=mac,
+                        family="ipv6" if v6 else "ipv4",
+                        source=source,
+                    )
+        return list(found.values())
+
+    return hv.call(run)
+
+
+def _local_address(ip: str) -> bool:
+    return ip.startswith(("127.", "169.254.", "fe80:")) or ip == "::1"
+
+
+def agent_connected(hv: Hypervisor, uuid: str) -> bool:
+    """Whether the guest agent is connected now (libvirt says so in the live XML's channel)."""
+    try:
+        xml = get_xml(hv, uuid)
+    except NotFound:
+        return False
+    root = etree.fromstring(xml.encode(), _parser())
+    target = root.find(f"devices/channel/target[@name='{AGENT_CHANNEL}']")
+    return target is not None and target.get("state") == "connected"
 
 
 def destroy(hv: Hypervisor, uuid: str, *, graceful: bool = False) -> DomainInfo:

@@ -229,3 +229,15 @@ def format_version(number: int) -> str:
     major, rest = divmod(number, 1_000_000)
     minor, micro = divmod(rest, 1_000)
     return f"{major}.{minor}.{micro}"
+
+
+@dataclass(frozen=True)
+class GuestAddress:
+    """One address of a guest's NIC, and where libvirt learnt it: "lease" (the libvirt network's
+    DHCP server), "agent" (the guest agent) or "arp" (the host's neighbour table)."""
+
+    ip: str
+    prefix: int
+    mac: str
+    family: str  # "ipv4" or "ipv6"
+    source: str

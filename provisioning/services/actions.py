@@ -19,7 +19,7 @@ from provisioning.hypervisor.connection import Hypervisor, get_hypervisor
 from provisioning.hypervisor.errors import HypervisorError, NotFound, WrongState
 from provisioning.hypervisor.types import DomainInfo
 from provisioning.models import Guest, Job
-from provisioning.services import transitions
+from provisioning.services import addresses, transitions
 from provisioning.services.guests import guest_sync_state
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,21 @@ def _delete(hv: Hypervisor, guest: Guest, keep_disk: bool = False) -> DomainInfo
     return DomainInfo.undefined(uuid)
 
 
+def _shutdown(hv: Hypervisor, guest: Guest) -> tuple[DomainInfo, str]:
+    """Ask the guest to shut down through its agent when it is there, else by ACPI; the state
+    after, and how it was asked (for the job's log)."""
+    uuid = str(guest.uuid)
+    fallback = ""
+    if operations.agent_connected(hv, uuid):
+        try:
+            return operations.shutdown(hv, uuid, agent=True), "through the guest agent"
+        except (WrongState, NotFound):
+            raise
+        except HypervisorError as exc:
+            fallback = f" (the guest agent did not take it: {exc})"
+    return operations.shutdown(hv, uuid), f"by ACPI, the power button{fallback}"
+
+
 ACTIONS: dict[str, Callable[..., DomainInfo]] = {
     K.START: lambda hv, g, **o: operations.start(hv, str(g.uuid), paused=o.get("paused", False)),
     K.SHUTDOWN: lambda hv, g, **o: operations.shutdown(hv, str(g.uuid)),
@@ -156,8 +171,12 @@ def run_job(job_id: int) -> None:
             job_id, expected=Job.Status.RUNNING, to=to, error=error, guest_uuid=guest.uuid
         )
 
+    how = ""
     try:
-        info = ACTIONS[job.kind](hv, guest, **job.data)
+        if job.kind == K.SHUTDOWN:
+            info, how = _shutdown(hv, guest)
+        else:
+            info = ACTIONS[job.kind](hv, guest, **job.data)
     except (WrongState, NotFound) as exc:
         # The guest is not where the portal thought: record the truth and say so.
         guest_sync_state(
@@ -168,6 +187,10 @@ def run_job(job_id: int) -> None:
     except HypervisorError as exc:
         end(Job.Status.FAILED, str(exc))
         raise
+    if job.kind == K.SHUTDOWN:
+        transitions.job_log(
+            job_id, f"Asked the guest to shut down {how}", progress=50, guest_uuid=uuid
+        )
     if job.kind == K.SHUTDOWN and info.active:
         guest_sync_state(host=guest.host, info=info, guest=guest)
         # The guest powers off in its own time; the listener (or reconcile) ends the job.
@@ -175,7 +198,6 @@ def run_job(job_id: int) -> None:
             seconds=job.data.get("timeout", SHUTDOWN_TIMEOUT.seconds)
         )
         Job.objects.filter(pk=job_id).update(deadline=deadline)
-        transitions.job_log(job_id, "Asked the guest to shut down", progress=50, guest_uuid=uuid)
         # The guest may have stopped (and the listener come and gone) meanwhile: look again.
         info = operations.get_info(hv, str(guest.uuid))
         if not info.active:
@@ -187,6 +209,8 @@ def run_job(job_id: int) -> None:
     with transaction.atomic():
         guest_sync_state(host=guest.host, info=info, guest=guest)
         end(Job.Status.SUCCEEDED)
+    if job.kind in (K.START, K.RESTORE, K.REBOOT) and info.active:
+        addresses.watch_after_start(guest, guest.host)
 
 
 def job_domain_stopped(guest: Guest, info: DomainInfo) -> None:

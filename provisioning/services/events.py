@@ -9,9 +9,9 @@ from django.db.models import Exists, OuterRef, Subquery
 
 from provisioning.hypervisor import operations
 from provisioning.hypervisor.connection import get_hypervisor
-from provisioning.hypervisor.types import DomainInfo
+from provisioning.hypervisor.types import DomainInfo, GuestState
 from provisioning.models import Guest, Host, Job, ProvisioningRequest
-from provisioning.services import actions, provision
+from provisioning.services import actions, addresses, provision
 from provisioning.services.guests import guest_agrees, guest_sync_state
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,11 @@ def domain_changed(*, host: Host, uuid: str, info: DomainInfo | None = None) -> 
         return  # the steps or the job record the state themselves when they finish
     if info is None:
         info = operations.get_info(get_hypervisor(host.uri), uuid)
+    was_running = guest.state == Guest.State.RUNNING
     if not guest_agrees(guest, info):
         guest_sync_state(host=host, info=info, guest=guest)
+    if info.state == GuestState.RUNNING and not was_running:
+        addresses.watch_after_start(guest, host)  # started behind the portal's back
     if not info.active:
         actions.job_domain_stopped(guest, info)
 
@@ -112,4 +115,5 @@ def reconcile_host(host: Host) -> dict[str, int]:
     stale_after = settings.STALE_STEP_SECONDS
     provision.reconcile_requests(host, domains, stale_after=stale_after)
     actions.reconcile_jobs(hv, guests, domains, stale_after=stale_after)
+    addresses.reconcile_addresses(host)
     return {"domains": len(domains), "guests": len(guests), "synced": synced}

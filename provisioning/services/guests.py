@@ -11,12 +11,16 @@ from provisioning.services import transitions
 
 
 def _state_of(info: DomainInfo) -> dict[str, object]:
-    return {
+    state: dict[str, object] = {
         "state": info.state.value,
         "state_reason": info.reason[:32],
         "persistent": info.persistent,
         "autostart": info.autostart,
     }
+    if not info.active:
+        # A guest that does not run has no address and no agent (see services/addresses.py).
+        state.update(addresses=[], agent_connected=False)
+    return state
 
 
 def guest_agrees(guest: Guest, info: DomainInfo) -> bool:

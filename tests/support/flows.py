@@ -23,7 +23,7 @@ from provisioning.hypervisor.connection import Hypervisor
 from provisioning.hypervisor.errors import HypervisorError
 from provisioning.models import Guest
 from provisioning.services.consoles import console_log_path
-from provisioning.services.provision.spec import data_volume, system_volume
+from provisioning.services.provision.spec import data_volume, seed_volume, system_volume
 from vmportal import heartbeat
 
 # Runs in every document the page loads: a mark that a reload would wipe, the SSE connections
@@ -90,7 +90,7 @@ def remove_qemu_guest(hv: Hypervisor, name: str, pool: str) -> None:
         operations.destroy(hv, info.uuid)
         operations.undefine(hv, info.uuid)
     for guest in guests.values():
-        for volume in (system_volume(guest), data_volume(guest)):
+        for volume in (system_volume(guest), data_volume(guest), seed_volume(guest)):
             with contextlib.suppress(HypervisorError):  # no pool: nothing of ours is in it
                 storage.delete_volume(hv, pool, volume)
         for path in (console_log_path(guest.uuid), Path(settings.SAVE_DIR) / f"{guest.uuid}.save"):

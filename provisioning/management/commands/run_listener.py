@@ -16,7 +16,7 @@ from provisioning import queue
 from provisioning.hypervisor.errors import HypervisorError
 from provisioning.hypervisor.events import EventListener, LifecycleEvent
 from provisioning.models import Host
-from provisioning.services import consoles, events
+from provisioning.services import addresses, consoles, events
 from provisioning.services.hosts import host_ensure_local
 from vmportal import heartbeat
 
@@ -85,6 +85,11 @@ class Command(BaseCommand):
         def on_event(event: LifecycleEvent) -> None:
             close_old_connections()
             try:
+                if event.event == "agent":
+                    addresses.agent_changed(
+                        host=host, uuid=event.uuid, connected=event.detail == "connected"
+                    )
+                    return
                 events.domain_changed(host=host, uuid=event.uuid)
             except HypervisorError as exc:
                 log.warning("%s: cannot apply %s of %s: %s", host, event.event, event.uuid, exc)

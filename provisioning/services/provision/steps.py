@@ -34,7 +34,7 @@ from provisioning.hypervisor.errors import (
 )
 from provisioning.hypervisor.types import DomainInfo, GuestState
 from provisioning.models import GuestTemplate, ProvisioningRequest
-from provisioning.services import quotas, transitions
+from provisioning.services import addresses, quotas, transitions
 from provisioning.services.guests import guest_sync_state
 from provisioning.services.provision.ending import cleanup, fail, request_domain_stopped
 from provisioning.services.provision.spec import Plan, StepFailed, load_request, plan_of
@@ -363,6 +363,8 @@ def _start(run: Run) -> None:
     with transaction.atomic():
         guest_sync_state(host=plan.host, info=info, guest=plan.guest)
         run.move(Status.STARTING, Status.RUNNING, f"Guest {info.state.value}")
+    if info.active:
+        addresses.watch_after_start(plan.guest, plan.host)
 
 
 def _pass_through(run: Run) -> None:

@@ -1,0 +1,148 @@
+"""Where a running guest is on the network, and whether its guest agent is there.
+
+libvirt knows a guest's addresses from its network's DHCP leases, from the guest agent, or from
+the host's ARP table, but says nothing when a lease appears. So after every start the guest's
+host looks again with backoff for a bounded time until an address shows; agent events and the
+periodic reconcile look too. All of it runs on the guest's host (a task or the listener), never
+in a web request: pages read the row, and live pages hear of a change through the guest's news.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from datetime import datetime, timedelta
+
+from django.utils import timezone
+
+from provisioning import queue
+from provisioning.channels import GUESTS, guest_channel, owner_channel
+from provisioning.hypervisor import operations
+from provisioning.hypervisor.connection import get_hypervisor
+from provisioning.hypervisor.errors import HypervisorError
+from provisioning.models import Guest, Host
+from provisioning.services import transitions
+
+log = logging.getLogger(__name__)
+
+# Seconds between looks after a start: quick at first (a lease comes seconds after DHCP starts),
+# then every 30 s, for 15 minutes at most (a slow first boot under emulation takes minutes).
+LOOK_AFTER_START = (2, 3, 5, 8, 13, 20, 30)
+LOOK_FOR = timedelta(minutes=15)
+# Reconcile looks again at running guests with no address, or none checked this long.
+RECHECK_AFTER = timedelta(minutes=5)
+RECHECK_PER_PASS = 20
+
+
+def guest_refresh_network(guest: Guest) -> bool:
+    """Read the guest's addresses and agent state from libvirt; True if the row changed."""
+    hv = get_hypervisor(guest.host.uri)
+    uuid = str(guest.uuid)
+    try:
+        found = operations.guest_addresses(hv, uuid)
+        agent = operations.agent_connected(hv, uuid)
+    except HypervisorError as exc:
+        log.info("cannot read the addresses of %s: %s", guest, exc)
+        return False
+    addresses = [dataclasses.asdict(a) for a in found]
+    return _record(guest, addresses=addresses, agent_connected=agent)
+
+
+def guest_forget_network(guest: Guest) -> bool:
+    """A stopped guest has no addresses and no agent; True if the row changed."""
+    return _record(guest, addresses=[], agent_connected=False)
+
+
+def _record(guest: Guest, *, addresses: list[dict[str, object]], agent_connected: bool) -> bool:
+    now = timezone.now()
+    changed = addresses != guest.addresses or agent_connected != guest.agent_connected
+    values: dict[str, object] = {"addresses_checked": now}
+    if changed:
+        values.update(addresses=addresses, agent_connected=agent_connected)
+    Guest.objects.filter(pk=guest.pk).update(**values)
+    guest.addresses, guest.agent_connected, guest.addresses_checked = (
+        addresses,
+        agent_connected,
+        now,
+    )
+    if changed:
+        news = transitions.News()
+        payload = {
+            "guest": str(guest.uuid),
+            "addresses": [a["ip"] for a in addresses],
+            "agent": agent_connected,
+        }
+        for channel in (guest_channel(guest.uuid), GUESTS, owner_channel(guest.owner_id)):
+            news.add(channel, payload)
+        news.send_on_commit()
+    return changed
+
+
+def watch_after_start(guest: Guest, host: Host) -> None:
+    """Look for the guest's addresses from now on, with backoff (see `look_after_start`)."""
+    queue.send_on_commit(
+        queue.LOOK_FOR_ADDRESSES,
+        guest.pk,
+        timezone.now().isoformat(),
+        0,
+        queue=host.queue,
+        countdown=LOOK_AFTER_START[0],
+    )
+
+
+def look_after_start(guest_id: int, since: str, attempt: int) -> None:
+    """One look after a start; queued again until an IPv4 address shows or time is up."""
+    guest = Guest.objects.select_related("host").filter(pk=guest_id).first()
+    if guest is None or guest.state != Guest.State.RUNNING:
+        return  # gone or stopped: its next start watches again
+    guest_refresh_network(guest)
+    if any(a.get("family") == "ipv4" for a in guest.addresses):
+        return
+    started = datetime.fromisoformat(since)
+    if timezone.now() - started > LOOK_FOR:
+        log.info("no address for %s after %s", guest, LOOK_FOR)
+        return
+    delay = LOOK_AFTER_START[min(attempt + 1, len(LOOK_AFTER_START) - 1)]
+    queue.send(
+        queue.LOOK_FOR_ADDRESSES,
+        guest.pk,
+        since,
+        attempt + 1,
+        queue=guest.host.queue,
+        countdown=delay,
+    )
+
+
+def agent_changed(*, host: Host, uuid: str, connected: bool) -> None:
+    """The guest agent came or went (an agent event): record it, and look at the addresses."""
+    guest = Guest.objects.select_related("host").filter(host=host, uuid=uuid).first()
+    if guest is None:
+        return
+    if not connected:
+        _record(guest, addresses=guest.addresses, agent_connected=False)
+        return
+    guest_refresh_network(guest)
+
+
+def reconcile_addresses(host: Host) -> int:
+    """Look again at running guests with no address or an old look; how many changed."""
+    now = timezone.now()
+    due = (
+        Guest.objects.filter(host=host, state=Guest.State.RUNNING)
+        .select_related("host")
+        .order_by("addresses_checked")
+    )
+    stale = [
+        g
+        for g in due[: RECHECK_PER_PASS * 5]
+        if g.addresses_checked is None
+        or (not g.addresses and now - g.addresses_checked > timedelta(seconds=30))
+        or now - g.addresses_checked > RECHECK_AFTER
+    ][:RECHECK_PER_PASS]
+    changed = sum(guest_refresh_network(g) for g in stale)
+    stopped = Guest.objects.filter(host=host).exclude(
+        state__in=(Guest.State.RUNNING, Guest.State.PAUSED)
+    )
+    for guest in stopped.exclude(addresses=[]).select_related("host")[:RECHECK_PER_PASS]:
+        changed += guest_forget_network(guest)
+    return changed
