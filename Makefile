@@ -4,7 +4,7 @@ PORT ?= 8000
 export LIBVIRT_URI ?= qemu:///system
 PY := .venv/bin/python
 
-.PHONY: run test lint setup setup-test services prepare bench fmt clean
+.PHONY: run test lint setup setup-test services prepare bench fmt clean demo-debian
 
 run: setup services prepare
 	@echo "vmportal: open http://127.0.0.1:$(PORT)/ (log in as admin); Ctrl-C stops everything"
@@ -38,6 +38,12 @@ prepare:
 	$(PY) manage.py migrate --noinput -v0
 	$(PY) manage.py ensure_admin
 	$(PY) manage.py seed_demo
+
+# The Debian 12 cloud-init demo template: its image (provisioning/demo/debian.py, built from
+# Debian packages in 2-3 minutes once, cached in var/demo/debian), a NAT network, the template.
+demo-debian: setup services
+	$(PY) manage.py migrate --noinput -v0
+	$(PY) manage.py seed_demo --debian
 
 bench: setup-test
 	@dpkg-query -W -f='$${Status}' virtinst 2>/dev/null | grep -q "install ok installed" || { \

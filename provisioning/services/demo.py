@@ -1,7 +1,8 @@
-"""Demo content: the tiny real guest registered as a template, with a storage pool for disks."""
+"""Demo content: the tiny real guest and the Debian cloud image as templates, a pool, a network."""
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -9,10 +10,11 @@ from pathlib import Path
 from django.conf import settings
 from django.db import transaction
 
-from provisioning.demo import tinyguest
-from provisioning.hypervisor import storage
+from provisioning.demo import debian, tinyguest
+from provisioning.hypervisor import networks, storage
 from provisioning.hypervisor.connection import get_hypervisor
-from provisioning.models import GuestTemplate, Host, Media, StoragePool
+from provisioning.hypervisor.errors import HypervisorError, NotFound
+from provisioning.models import GuestTemplate, Host, Media, Network, StoragePool
 from provisioning.services.hosts import host_domain_type
 from provisioning.services.templates import template_saved
 
@@ -86,6 +88,110 @@ def demo_seed(*, host: Host, log: Callable[[str], None] = print) -> GuestTemplat
                 "disk_mib_max": 1024,
                 "data_disk_mib_max": 256,
                 "install_timeout_minutes": 10,
+            },
+        )
+    if created:
+        template_saved(template=template, changed=False)
+    log(f"demo: template '{template.name}' {'registered' if created else 'present'} on {host}")
+    return template
+
+
+DEBIAN_TEMPLATE_NAME = "Debian 12 (cloud-init)"
+DEBIAN_MEDIA_NAME = "Debian 12 cloud image kernel + initrd"
+DEBIAN_BASE_VOLUME = "debian-12-cloud-base.qcow2"
+DEMO_NETWORK_NAME = "vmportal-demo"
+DEMO_BRIDGE = "vmportal-br0"
+# Guests of the demo network; a NAT network of its own, beside (never touching) the host's.
+DEMO_SUBNET = ipaddress.IPv4Network("192.168.150.0/24")
+
+
+def demo_network(
+    *, host: Host, nat: bool = True, subnet: ipaddress.IPv4Network = DEMO_SUBNET
+) -> Network:
+    """The demo's libvirt network (NAT with DHCP) on the host, made if missing, and its row."""
+    hv = get_hypervisor(host.uri)
+    taken = {
+        name: nets
+        for name, nets in networks.network_subnets(hv).items()
+        if name != DEMO_NETWORK_NAME and any(n.overlaps(subnet) for n in nets)
+    }
+    if taken:
+        raise HypervisorError(f"{subnet} is used by the libvirt network(s) {', '.join(taken)}")
+    networks.ensure_network(hv, DEMO_NETWORK_NAME, bridge=DEMO_BRIDGE, subnet=subnet, nat=nat)
+    network, _ = Network.objects.update_or_create(
+        host=host,
+        name=DEMO_NETWORK_NAME,
+        defaults={"kind": Network.Kind.NETWORK, "source": DEMO_NETWORK_NAME},
+    )
+    return network
+
+
+def demo_seed_debian(
+    *, host: Host, network: Network | None = None, log: Callable[[str], None] = print
+) -> GuestTemplate:
+    """Build the Debian cloud image (cached) and register it as a cloud-init template on `host`:
+    the image as a base volume of the demo pool, its kernel as media, the demo network."""
+    image = debian.cached(settings.DEMO_DIR / "debian")
+    if image is None:
+        log("demo: building the Debian 12 cloud image from Debian packages (2-3 minutes)")
+        image = debian.build(settings.DEMO_DIR / "debian", log=log)
+    BOOT_DIR.mkdir(parents=True, exist_ok=True)
+    kernel, initrd = BOOT_DIR / "debian-vmlinuz", BOOT_DIR / "debian-initrd.img"
+    _publish(image.kernel, kernel)
+    _publish(image.initrd, initrd)
+    hv = get_hypervisor(host.uri)
+    storage.ensure_dir_pool(hv, DEMO_POOL_NAME, str(DEMO_POOL_PATH))
+    try:
+        present = storage.get_volume(hv, DEMO_POOL_NAME, DEBIAN_BASE_VOLUME)
+    except NotFound:
+        present = None
+    if present is not None and present.capacity == 0:
+        storage.delete_volume(hv, DEMO_POOL_NAME, DEBIAN_BASE_VOLUME)
+        present = None
+    if present is None:
+        log(f"demo: uploading the image as {DEBIAN_BASE_VOLUME}")
+        storage.upload_file(hv, DEMO_POOL_NAME, DEBIAN_BASE_VOLUME, image.base, fmt="qcow2")
+    network = network or demo_network(host=host)
+    with transaction.atomic():
+        pool, _ = StoragePool.objects.update_or_create(
+            host=host, name=DEMO_POOL_NAME, defaults={"path": str(DEMO_POOL_PATH)}
+        )
+        media, _ = Media.objects.update_or_create(
+            name=DEBIAN_MEDIA_NAME,
+            defaults={
+                "kind": Media.Kind.KERNEL,
+                "kernel_path": str(kernel),
+                "initrd_path": str(initrd),
+                "description": f"The Debian 12 cloud image's own kernel {image.kernel_version}.",
+            },
+        )
+        template, created = GuestTemplate.objects.get_or_create(
+            name=DEBIAN_TEMPLATE_NAME,
+            defaults={
+                "description": (
+                    "Debian 12 with cloud-init, SSH and the guest agent: your SSH keys go to the "
+                    f"user {image.default_user}, the address shows once it has one. Boots to SSH "
+                    "in about a minute under software emulation."
+                ),
+                "method": GuestTemplate.Method.CLOUD,
+                "lifecycle": GuestTemplate.Lifecycle.PERSISTENT,
+                "media": media,
+                "pool": pool,
+                "network": network,
+                "base_volume": DEBIAN_BASE_VOLUME,
+                "kernel_cmdline": image.cmdline,
+                "cloud_user": image.default_user,
+                "cloud_config": "#cloud-config\nssh_pwauth: false\n",
+                "vcpus_min": 1,
+                "vcpus_default": 2,
+                "vcpus_max": 4,
+                "memory_mib_min": 512,
+                "memory_mib_default": 1024,
+                "memory_mib_max": 4096,
+                "disk_mib_min": 2048,
+                "disk_mib_default": 3072,
+                "disk_mib_max": 20480,
+                "data_disk_mib_max": 4096,
             },
         )
     if created:
