@@ -78,6 +78,16 @@ FIGURES = [
         anchor="throughput_raw_per_s",
         anchor_label="raw libvirt-python loop",
     ),
+    Figure(
+        "debian_ssh_vs_virt_install",
+        "Debian cloud image, create to SSH answering",
+        "ratio",
+        1.0,
+        portal="debian_portal_median_s",
+        anchor="debian_virt_install_median_s",
+        anchor_label="virt-install --import --cloud-init",
+    ),
+    Figure("debian_create_to_ssh_s", "Debian cloud image, form POST to SSH answering", "s", 120),
     Figure("queries_per_provision", "queries, form POST to running (one provision)", "queries", 40),
     Figure("waiting_action_p95_ms", "500 waiting: suspend queued→started p95", "ms", 1000),
     Figure("waiting_rss_kb_per_install", "500 waiting: RSS per install", "KB", 50),
@@ -89,14 +99,15 @@ FIGURES = [
 
 # Run order: the QEMU installs first on a quiet stack; the 10,000 rows before the 500 waiting
 # installs, which stay until the end.
-BENCHMARKS = ["install", "throughput", "event_to_dom", "sse", "list", "waiting"]
+BENCHMARKS = ["install", "debian", "throughput", "event_to_dom", "sse", "list", "waiting"]
 
 
 def _benchmark(name: str) -> Callable[[Any], dict[str, Any]]:
-    from bench import browser, install, listing, sse, throughput, waiting
+    from bench import browser, debian, install, listing, sse, throughput, waiting
 
     modules: dict[str, Any] = {
         "install": install,
+        "debian": debian,
         "throughput": throughput,
         "event_to_dom": browser,
         "sse": sse,

@@ -93,9 +93,14 @@ def stack(transactional_db: None, own_redis: RedisServer, settings) -> Iterator[
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Real-QEMU tests run one at a time, in one process (`--dist loadgroup`): their guests are
-    emulated (TCG) and take a core each, and side by side they missed their own deadlines."""
+    emulated (TCG) and take a core each, and side by side they missed their own deadlines. The
+    Debian image's tests (its build, and a boot to SSH that waits minutes on cloud-init, with
+    deadlines to match) go to a process of their own beside them, so the run's tail is the
+    longer of the two, not their sum."""
     for item in items:
-        if item.get_closest_marker("qemu"):
+        if item.get_closest_marker("debian"):
+            item.add_marker(pytest.mark.xdist_group("debian"))
+        elif item.get_closest_marker("qemu"):
             item.add_marker(pytest.mark.xdist_group("qemu"))
 
 

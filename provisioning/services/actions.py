@@ -21,6 +21,7 @@ from provisioning.hypervisor.types import DomainInfo
 from provisioning.models import Guest, Job
 from provisioning.services import addresses, transitions
 from provisioning.services.guests import guest_sync_state
+from provisioning.services.provision.spec import seed_volume
 
 log = logging.getLogger(__name__)
 K = Job.Kind
@@ -95,21 +96,31 @@ def _restore(hv: Hypervisor, guest: Guest) -> DomainInfo:
 
 def _delete(hv: Hypervisor, guest: Guest, keep_disk: bool = False) -> DomainInfo:
     uuid = str(guest.uuid)
-    volumes = []
+    volumes: list[tuple[str | None, str | None]] = []
+    seeds: list[tuple[str | None, str | None]] = []
     try:
         root = domxml.parse_untrusted(operations.get_xml(hv, uuid, inactive=True))
+    except NotFound:
+        pass
+    else:
         volumes = [
             (s.get("pool"), s.get("volume"))
             for s in root.iterfind("devices/disk[@device='disk']/source")
             if s.get("pool") and s.get("volume")
         ]
-    except NotFound:
-        pass
+        seeds = [
+            (s.get("pool"), s.get("volume"))
+            for s in root.iterfind("devices/disk[@device='cdrom']/source")
+            if s.get("pool") and s.get("volume") == seed_volume(guest)
+        ]
     operations.destroy(hv, uuid)
     operations.undefine(hv, uuid)
     if not keep_disk:
         for pool, volume in volumes:
             storage.delete_volume(hv, str(pool), str(volume))
+    # The cloud-init seed is the portal's, not the owner's data: it goes with the guest.
+    for pool, volume in seeds:
+        storage.delete_volume(hv, str(pool), str(volume))
     return DomainInfo.undefined(uuid)
 
 

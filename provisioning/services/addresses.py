@@ -2,9 +2,10 @@
 
 libvirt knows a guest's addresses from its network's DHCP leases, from the guest agent, or from
 the host's ARP table, but says nothing when a lease appears. So after every start the guest's
-host looks again with backoff for a bounded time until an address shows; agent events and the
-periodic reconcile look too. All of it runs on the guest's host (a task or the listener), never
-in a web request: pages read the row, and live pages hear of a change through the guest's news.
+host looks again, often at first and then less, for a bounded time until an address shows;
+agent events and the periodic reconcile look too. All of it runs on the guest's host (a task or
+the listener), never in a web request: pages read the row, and live pages hear of a change
+through the guest's news.
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ from provisioning.services import transitions
 
 log = logging.getLogger(__name__)
 
-# Seconds between looks after a start: quick at first (a lease comes seconds after DHCP starts),
-# then every 30 s, for 15 minutes at most (a slow first boot under emulation takes minutes).
-LOOK_AFTER_START = (2, 3, 5, 8, 13, 20, 30)
+# Looks after a start: every 2 s for the first 5 minutes (a user waits for the address to
+# SSH in, and a look costs the host three cheap calls), then every 15 s until 15 minutes (a slow
+# first boot under emulation), then no more: reconcile and agent events look later on.
+LOOK_EVERY = 2.0
+LOOK_EVERY_LATER = 15.0
+LOOK_OFTEN_FOR = timedelta(minutes=5)
 LOOK_FOR = timedelta(minutes=15)
 # Reconcile looks again at running guests with no address, or none checked this long.
 RECHECK_AFTER = timedelta(minutes=5)
@@ -79,30 +83,32 @@ def _record(guest: Guest, *, addresses: list[dict[str, object]], agent_connected
 
 
 def watch_after_start(guest: Guest, host: Host) -> None:
-    """Look for the guest's addresses from now on, with backoff (see `look_after_start`)."""
+    """Look for the guest's addresses from now on (see `look_after_start`)."""
     queue.send_on_commit(
         queue.LOOK_FOR_ADDRESSES,
         guest.pk,
         timezone.now().isoformat(),
         0,
         queue=host.queue,
-        countdown=LOOK_AFTER_START[0],
+        countdown=LOOK_EVERY,
     )
 
 
 def look_after_start(guest_id: int, since: str, attempt: int) -> None:
-    """One look after a start; queued again until an IPv4 address shows or time is up."""
+    """One look after a start; queued again until an IPv4 address shows or time is up.
+
+    `attempt` counts the looks (it shows in the worker's log)."""
     guest = Guest.objects.select_related("host").filter(pk=guest_id).first()
     if guest is None or guest.state != Guest.State.RUNNING:
         return  # gone or stopped: its next start watches again
     guest_refresh_network(guest)
     if any(a.get("family") == "ipv4" for a in guest.addresses):
         return
-    started = datetime.fromisoformat(since)
-    if timezone.now() - started > LOOK_FOR:
+    waited = timezone.now() - datetime.fromisoformat(since)
+    if waited > LOOK_FOR:
         log.info("no address for %s after %s", guest, LOOK_FOR)
         return
-    delay = LOOK_AFTER_START[min(attempt + 1, len(LOOK_AFTER_START) - 1)]
+    delay = LOOK_EVERY if waited < LOOK_OFTEN_FOR else LOOK_EVERY_LATER
     queue.send(
         queue.LOOK_FOR_ADDRESSES,
         guest.pk,

@@ -6,16 +6,27 @@ The local host is this process's own libvirtd (QEMU driver); the pool's folder,
 
 from __future__ import annotations
 
+import ipaddress
+import secrets
 from pathlib import Path
 
 import pytest
 from django.core.management import call_command
+from lxml import etree
 
-from provisioning.hypervisor import storage
+from provisioning.hypervisor import networks, storage
 from provisioning.hypervisor.connection import get_hypervisor
+from provisioning.hypervisor.errors import HypervisorError
 from provisioning.models import GuestTemplate, Host, Media, StoragePool
-from provisioning.services.demo import DEMO_POOL_NAME, DEMO_TEMPLATE_NAME
+from provisioning.services.demo import (
+    DEMO_NETWORK_NAME,
+    DEMO_POOL_NAME,
+    DEMO_TEMPLATE_NAME,
+    demo_network,
+)
+from tests.factories import make_host
 from tests.support.libvirt import QEMU_URI
+from tests.support.netns import NetnsHost
 
 pytestmark = [pytest.mark.qemu, pytest.mark.django_db]
 
@@ -42,3 +53,40 @@ def test_it_registers_the_tiny_guest_template_once(settings, capsys) -> None:
     out = capsys.readouterr().out
     assert f"domain type '{host.detected_domain_type}'" in out
     assert "present on local" in out
+
+
+def test_the_demo_network_is_made_once_with_nat_and_dhcp_and_never_over_another(
+    netns_host: NetnsHost,
+) -> None:
+    # On the namespaced libvirtd: its bridge, NAT rules and DHCP server exist only in there.
+    host = make_host("local", uri=netns_host.uri, pool=None)
+    hv = get_hypervisor(netns_host.uri)
+    subnet = ipaddress.IPv4Network(
+        f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(250)}.0/24"
+    )
+    try:
+        made = demo_network(host=host, subnet=subnet)
+        again = demo_network(host=host, subnet=subnet)
+        assert made.pk == again.pk and made.source == DEMO_NETWORK_NAME
+        xml = hv.call(lambda conn: conn.networkLookupByName(DEMO_NETWORK_NAME).XMLDesc(0))
+        root = etree.fromstring(xml.encode())
+        assert root.find("forward").get("mode") == "nat"
+        assert root.find("ip").get("address") == str(next(subnet.hosts()))
+        assert root.find("ip/dhcp/range") is not None
+        assert networks.network_subnets(hv)[DEMO_NETWORK_NAME] == [subnet]
+        # Another libvirt network on that subnet: the demo's refuses to go over it.
+        other = f"vpo{secrets.token_hex(3)}"
+        beside = ipaddress.IPv4Network(f"{subnet.network_address + 256}/24")
+        networks.ensure_network(hv, other, bridge=other, subnet=beside, nat=False)
+        with pytest.raises(HypervisorError, match=f"is used by the libvirt network.*{other}"):
+            demo_network(host=host, subnet=beside)
+    finally:
+
+        def drop(conn) -> None:  # type: ignore[no-untyped-def]
+            for net in conn.listAllNetworks(0):
+                if net.name() in (DEMO_NETWORK_NAME,) or net.name().startswith("vpo"):
+                    if net.isActive():
+                        net.destroy()
+                    net.undefine()
+
+        hv.call(drop, idempotent=False)

@@ -9,7 +9,8 @@ from django.core.management.base import BaseCommand, CommandError
 from provisioning.demo import debian as _debian
 from provisioning.demo.tinyguest import BuildError
 from provisioning.hypervisor.errors import HypervisorError
-from provisioning.services.demo import demo_seed, demo_seed_debian
+from provisioning.models import Host
+from provisioning.services.demo import demo_network, demo_seed, demo_seed_debian
 from provisioning.services.hosts import host_ensure_local
 
 
@@ -21,15 +22,24 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument(
+            "--network",
+            action="store_true",
+            help="also define the demo's NAT network for guests (vmportal-demo) if missing",
+        )
+        parser.add_argument(
             "--debian",
             action="store_true",
             help="also build (2-3 minutes, cached) and register the Debian 12 cloud-init template",
         )
 
-    def handle(self, *args: Any, debian: bool = False, **options: Any) -> None:
+    def handle(
+        self, *args: Any, debian: bool = False, network: bool = False, **options: Any
+    ) -> None:
         host = host_ensure_local()
         try:
             demo_seed(host=host, log=self.stdout.write)
+            if network or debian:
+                self._network(host)
             if debian:
                 demo_seed_debian(host=host, log=self.stdout.write)
         except BuildError as exc:
@@ -38,3 +48,12 @@ class Command(BaseCommand):
             raise CommandError(f"demo: building the Debian image failed: {exc}") from exc
         except HypervisorError as exc:
             raise CommandError(f"demo: libvirt at {host.uri} refused: {exc}") from exc
+
+    def _network(self, host: Host) -> None:
+        try:
+            made = demo_network(host=host)
+        except HypervisorError as exc:
+            # The tiny guest needs no network; the cloud-init template does (and says so).
+            self.stderr.write(f"demo: no NAT network for guests on {host}: {exc}")
+        else:
+            self.stdout.write(f"demo: network '{made.name}' (NAT, DHCP) on {host}")

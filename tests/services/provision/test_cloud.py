@@ -20,7 +20,7 @@ from provisioning import cloudinit
 from provisioning.admin import GuestTemplateForm
 from provisioning.hypervisor import domxml, operations, storage
 from provisioning.models import Guest, GuestTemplate, Host, Job, ProvisioningRequest
-from provisioning.services import provision
+from provisioning.services import actions, provision
 from provisioning.services.provision import SubmitError
 from provisioning.services.provision.spec import load_request, plan_of, seed_volume
 from tests.factories import make_media, make_network, make_template
@@ -255,3 +255,16 @@ def test_the_admin_refuses_a_base_image_that_is_missing_or_of_another_format(
     finally:
         if format:
             storage.delete_volume(hv(), TEST_POOL, volume)
+
+
+@pytest.mark.usefixtures("tidy_libvirt")
+def test_deleting_a_cloud_guest_removes_its_disk_and_seed_but_not_the_image(
+    make_user: Any, template: GuestTemplate, base_image: str
+) -> None:
+    guest = provision_cloud(make_user("kim"), template, "cl8").guest
+    assert sorted(volumes_of(guest)) == sorted([volume_name(guest), seed_volume(guest)])
+    job = actions.guest_action(guest=guest, kind=Job.Kind.DELETE, by=guest.owner, confirm="cl8")
+    actions.run_job(job.pk)
+    assert Job.objects.get(pk=job.pk).status == Job.Status.SUCCEEDED
+    assert volumes_of(guest) == []
+    assert base_image in {v.name for v in storage.list_volumes(hv(), TEST_POOL)}
