@@ -436,6 +436,11 @@ def _build_into(out: Path, work: Path, log: Callable[[str], None]) -> str:
         "--mode=root",
         "--variant=apt",
         "--include=" + ",".join(IMAGE_PACKAGES),
+        # The customize script empties the tree's apt lists and cache itself. mmdebstrap's own
+        # clean-up (`apt-get update` with no sources, then `apt-get clean`) emptied this
+        # machine's lists instead (seen: /var/lib/apt/lists left with only lock, partial and
+        # auxfiles after every build), so it is skipped.
+        "--skip=cleanup/apt",
         *(f"--dpkgopt={option}" for option in _DPKG_OPTIONS),
         f"--customize-hook=sync-in {shlex.quote(str(overlay))} /",
         f'--customize-hook=sh {shlex.quote(str(script))} "$1"',
