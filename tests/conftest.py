@@ -93,14 +93,19 @@ def stack(transactional_db: None, own_redis: RedisServer, settings) -> Iterator[
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Real-QEMU tests run one at a time, in one process (`--dist loadgroup`): their guests are
-    emulated (TCG) and take a core each, and side by side they missed their own deadlines. The
-    Debian image's tests (its build, and a boot to SSH that waits minutes on cloud-init, with
-    deadlines to match) go to a process of their own beside them, so the run's tail is the
-    longer of the two, not their sum."""
+    emulated (TCG) and take a core each, and side by side they missed their own deadlines. Two
+    such processes run side by side, about equally long, so the run's tail is not their sum:
+    the engine's, the pages' and the hypervisor layer's on one; the images' on the other (the
+    Debian image's build and its boot to SSH, which waits minutes on cloud-init with deadlines
+    to match, the tiny guest's own boots, and the demo's registration)."""
+    images = ("tests/demo/", "tests/management/")
     for item in items:
-        if item.get_closest_marker("debian"):
-            item.add_marker(pytest.mark.xdist_group("debian"))
-        elif item.get_closest_marker("qemu"):
+        if not item.get_closest_marker("qemu"):
+            continue
+        where = item.nodeid
+        if item.get_closest_marker("debian") or where.startswith(images):
+            item.add_marker(pytest.mark.xdist_group("images"))
+        else:
             item.add_marker(pytest.mark.xdist_group("qemu"))
 
 
