@@ -47,6 +47,14 @@ class Host(models.Model):
         blank=True,
         help_text="Address other hosts migrate guests to (tcp://ADDRESS); empty: libvirt picks.",
     )
+    display_address = models.GenericIPAddressField(
+        default="127.0.0.1",
+        help_text=(
+            "Address the guests' VNC displays listen on. 127.0.0.1 keeps them on the host "
+            "(the portal reaches them through libvirt when the host is local); give another "
+            "address only on a network the portal alone can reach."
+        ),
+    )
     unmanaged_domains = models.JSONField(
         default=list,
         blank=True,
@@ -749,3 +757,42 @@ class SshKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.fingerprint})"
+
+
+class ConsoleSession(models.Model):
+    """A console a user opened on a guest, from the one-time token the page minted to its end.
+
+    A row starts as a token (``opened`` empty) that expires after seconds; opening the console
+    uses the token up. Rows with ``opened`` set are the guest's console history.
+    """
+
+    class Kind(models.TextChoices):
+        SERIAL = "serial", "Serial terminal"
+        GRAPHICS = "graphics", "Graphical console"
+
+    guest = models.ForeignKey(Guest, on_delete=models.CASCADE, related_name="console_sessions")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="console_sessions"
+    )
+    kind = models.CharField(max_length=8, choices=Kind)
+    token_hash = models.CharField(max_length=64, unique=True, help_text="SHA-256 of the token.")
+    created = models.DateTimeField(auto_now_add=True)
+    expires = models.DateTimeField()
+    opened = models.DateTimeField(null=True, blank=True)
+    closed = models.DateTimeField(null=True, blank=True)
+    close_reason = models.CharField(max_length=123, blank=True)
+    client = models.CharField(max_length=64, blank=True, help_text="The browser's address.")
+
+    class Meta:
+        ordering = ["-created"]
+        indexes = [models.Index(fields=["guest", "opened"])]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} of {self.guest} by {self.user}"
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds the session lasted, once it ended."""
+        if self.opened is None or self.closed is None:
+            return None
+        return (self.closed - self.opened).total_seconds()

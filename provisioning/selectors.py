@@ -187,6 +187,10 @@ def guest_status(guest: Guest) -> dict[str, Any]:
         "host_down": placement.host_is_down(guest.host),
         "other_hosts": list(Host.objects.exclude(pk=guest.host_id).filter(enabled=True)),
         "ssh_line": ssh_line(guest),
+        "console_sessions": list(
+            guest.console_sessions.filter(opened__isnull=False).select_related("user")[:10]
+        ),
+        "console_open": guest.state in (Guest.State.RUNNING, Guest.State.PAUSED),
     }
 
 

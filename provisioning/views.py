@@ -15,8 +15,8 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from . import health, selectors
 from .forms import NewGuestForm, SshKeyForm
-from .models import Guest, GuestTemplate, Host, Job, RebuildSchedule, SshKey
-from .services import actions, keys, migrate, provision, schedules, transitions
+from .models import ConsoleSession, Guest, GuestTemplate, Host, Job, RebuildSchedule, SshKey
+from .services import actions, consoles, keys, migrate, provision, schedules, transitions
 
 PAGE_SIZE = 50
 STOP_POLLING = 286  # htmx stops polling on this status
@@ -344,3 +344,31 @@ def job_cancel(request: HttpRequest, uuid: str, pk: int) -> HttpResponse:
     else:
         messages.error(request, "The migration has already ended.")
     return redirect("guest-detail", uuid=guest.uuid)
+
+
+# --- browser consoles ---
+
+
+@login_required
+@require_POST
+def console_token(request: HttpRequest, uuid: str, kind: str) -> JsonResponse:
+    """A one-time token for the guest's serial terminal or screen, and the socket to use it on."""
+    guest = get_object_or_404(selectors.guests_of(request.user), uuid=uuid)
+    try:
+        token = consoles.mint_token(guest=guest, user=_user(request), kind=kind)
+    except consoles.ConsoleRefused as refused:
+        status = 409 if refused.code == consoles.NOT_RUNNING else 404
+        return JsonResponse({"error": refused.reason, "code": refused.code}, status=status)
+    return JsonResponse(
+        {"token": token, "url": f"/ws/guests/{guest.uuid}/console/{kind}?token={token}"}
+    )
+
+
+@login_required
+@require_GET
+def console_page(request: HttpRequest, uuid: str, kind: str) -> HttpResponse:
+    """The serial terminal or the screen of a guest, filling the window."""
+    guest = get_object_or_404(selectors.guests_of(request.user), uuid=uuid)
+    if kind not in ConsoleSession.Kind.values:
+        raise Http404("No such console")
+    return render(request, "provisioning/console.html", {"guest": guest, "kind": kind})

@@ -58,6 +58,12 @@ fi
 mkdir -p static/vendor
 cp node_modules/htmx.org/dist/htmx.min.js static/vendor/htmx.min.js
 cp node_modules/htmx-ext-sse/sse.js static/vendor/htmx-ext-sse.js
+# The browser consoles: xterm.js (UMD builds) and noVNC's ES modules with the parts they import.
+mkdir -p static/vendor/xterm static/vendor/novnc
+cp node_modules/@xterm/xterm/lib/xterm.js node_modules/@xterm/xterm/css/xterm.css static/vendor/xterm/
+cp node_modules/@xterm/addon-fit/lib/addon-fit.js static/vendor/xterm/
+rm -rf static/vendor/novnc/core static/vendor/novnc/vendor
+cp -r node_modules/@novnc/novnc/core node_modules/@novnc/novnc/vendor static/vendor/novnc/
 
 # cloud-init's JSON schema for cloud-config, from Debian's cloud-init package (downloaded, never
 # installed: this machine is no cloud guest), so templates and owners' snippets are checked

@@ -161,6 +161,12 @@ LIBVIRT_URI = env.str("LIBVIRT_URI", default="qemu:///system")
 # "auto" probes whether KVM really runs guests here; "kvm" or "qemu" forces one.
 VMPORTAL_DOMAIN_TYPE = env.str("VMPORTAL_DOMAIN_TYPE", default="auto")
 CONSOLE_LOG_DIR = Path(env.str("VMPORTAL_CONSOLE_LOG_DIR", default="/var/log/libvirt/qemu"))
+# Browser consoles (serial terminal and VNC screen over WebSockets): a token the page mints is
+# good once, for this many seconds; a console nobody types into closes after the idle time.
+CONSOLE_TOKEN_SECONDS = env.int("VMPORTAL_CONSOLE_TOKEN_SECONDS", default=30)
+CONSOLE_IDLE_SECONDS = env.int("VMPORTAL_CONSOLE_IDLE_SECONDS", default=30 * 60)
+# How much of the serial log a terminal starts with, as scrollback.
+CONSOLE_SCROLLBACK_BYTES = 64 * 1024
 SAVE_DIR = Path(env.str("VMPORTAL_SAVE_DIR", default="/var/lib/libvirt/qemu/save"))
 DEMO_DIR = Path(env.str("VMPORTAL_DEMO_DIR", default=str(VAR_DIR / "demo")))
 

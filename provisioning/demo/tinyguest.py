@@ -10,7 +10,8 @@ The same initramfs runs in two modes chosen by the kernel command line:
 * RUNTIME (anything else): reads the marker back, prints ``VMPORTAL-DISK: <token>`` (and
   ``VMPORTAL-DATA: <token>`` when it has a data disk) and ``VMPORTAL-READY``, then prints
   ``VMPORTAL-ALIVE <uptime>`` every few seconds until the ACPI power button is pressed, when it
-  syncs and powers off.
+  syncs and powers off. Meanwhile a shell runs on the serial console (ttyS0) and one on the
+  screen (tty1), so a console viewer can type.
 
 Artifacts (kernel, initramfs pair, boot image, ISO, PXE TFTP root) are cached in a directory
 and rebuilt only when missing or when the recipe changed. Stdlib only; shells out to Debian tools.
@@ -235,10 +236,28 @@ do_runtime() {
     fi
     arm_power_button
     echo "VMPORTAL-READY"
+    (
+        while :; do
+            read -r up idle </proc/uptime
+            echo "VMPORTAL-ALIVE $up"
+            sleep 5
+        done
+    ) &
+    # A shell on the screen (tty1) and one on the serial console, each started again on exit;
+    # setsid makes each tty its shell's controlling terminal, so Ctrl-C and job control work.
+    export PS1='tiny:$PWD# '
+    if [ -c /dev/tty1 ]; then
+        (
+            while :; do
+                printf 'vmportal tiny guest (disk: %s)\n' "$token" >/dev/tty1
+                setsid sh -c 'exec sh -i </dev/tty1 >/dev/tty1 2>&1'
+                sleep 1
+            done
+        ) &
+    fi
     while :; do
-        read -r up idle </proc/uptime
-        echo "VMPORTAL-ALIVE $up"
-        sleep 5
+        setsid sh -c 'exec sh -i </dev/ttyS0 >/dev/ttyS0 2>&1'
+        sleep 1
     done
 }
 

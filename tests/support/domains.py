@@ -39,8 +39,10 @@ def domain_xml(
     cmdline: str | None = None,
     disk: tuple[str, str] | None = None,
     serial_log: str | None = None,
+    vnc: bool = False,
 ) -> str:
-    """A minimal domain document; kernel/disk/serial make it bootable on QEMU."""
+    """A minimal domain document; kernel/disk/serial make it bootable on QEMU, vnc gives it a
+    display on the host's loopback."""
     root = etree.Element("domain", type=domain_type)
     etree.SubElement(root, "name").text = name or f"vmportal-hvtest-{uuid[:8]}"
     etree.SubElement(root, "uuid").text = uuid
@@ -78,6 +80,10 @@ def domain_xml(
         serial = etree.SubElement(devices, "serial", type="pty")
         etree.SubElement(serial, "log", file=serial_log, append="off")
         etree.SubElement(serial, "target", port="0")
+    if vnc:
+        etree.SubElement(
+            devices, "graphics", type="vnc", port="-1", autoport="yes", listen="127.0.0.1"
+        )
     if domain_type != "test":
         etree.SubElement(devices, "memballoon", model="none")
     return etree.tostring(root, encoding="unicode")
