@@ -256,3 +256,26 @@ class SshKeyAdmin(admin.ModelAdmin):
         # Keys are added on the owner's profile page, where they are checked; staff may rename
         # or remove one here, not change the key itself.
         return False
+
+
+@admin.register(models.ConsoleSession)
+class ConsoleSessionAdmin(admin.ModelAdmin):
+    """Who opened which guest's console, when and for how long: a record, read only."""
+
+    list_display = ("guest", "kind", "user", "opened", "closed", "close_reason", "client")
+    list_filter = ("kind",)
+    search_fields = ("guest__name", "user__username")
+    list_select_related = ("guest", "user")
+    exclude = ("token_hash",)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[models.ConsoleSession]:
+        return super().get_queryset(request).filter(opened__isnull=False)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False

@@ -6,6 +6,7 @@ caller-supplied text can become markup.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import secrets
 import uuid as uuidlib
@@ -157,6 +158,8 @@ class GuestSpec:
     bootloader: str | None = None
     serial_log: str | None = None
     vnc: bool = True
+    # Where the VNC display listens: the host's loopback unless an admin gave another address.
+    vnc_listen: str = GRAPHICS_LISTEN
     metadata: Mapping[str, str] = field(default_factory=dict)
     extra_devices: str | None = None
     # A cloud-init NoCloud seed (an ISO volume labelled cidata), attached as a CD-ROM.
@@ -298,6 +301,10 @@ def _validate(spec: GuestSpec) -> None:
         _require_host_path(spec.serial_log, "serial_log")
     if not isinstance(spec.vnc, bool):
         raise SpecError("vnc: must be a bool")
+    try:
+        ipaddress.ip_address(spec.vnc_listen)
+    except ValueError:
+        raise SpecError("vnc_listen: must be an IP address") from None
     if not isinstance(spec.agent, bool):
         raise SpecError("agent: must be a bool")
     if spec.seed is not None:
@@ -637,9 +644,9 @@ def build_xml(spec: GuestSpec, phase: Phase) -> str:
     _sub(console, "target", type="serial", port="0")
     if spec.vnc:
         graphics = _sub(
-            devices, "graphics", type="vnc", port="-1", autoport="yes", listen=GRAPHICS_LISTEN
+            devices, "graphics", type="vnc", port="-1", autoport="yes", listen=spec.vnc_listen
         )
-        _sub(graphics, "listen", type="address", address=GRAPHICS_LISTEN)
+        _sub(graphics, "listen", type="address", address=spec.vnc_listen)
     if spec.agent:
         _add_agent(devices)
     rng = _sub(devices, "rng", model="virtio")

@@ -21,7 +21,7 @@ from playwright.sync_api import Page, Response, Route, expect
 from provisioning.hypervisor import operations, storage
 from provisioning.hypervisor.connection import Hypervisor
 from provisioning.hypervisor.errors import HypervisorError
-from provisioning.models import Guest
+from provisioning.models import Guest, GuestTemplate, Job
 from provisioning.services.consoles import console_log_path
 from provisioning.services.provision.spec import data_volume, seed_volume, system_volume
 from vmportal import heartbeat
@@ -228,3 +228,31 @@ def landed_on_request(page: Page) -> int:
     found = re.search(r"/requests/(\d+)/$", page.url)
     assert found is not None
     return int(found.group(1))
+
+
+# Under TCG a lifecycle action's job ends in seconds; generous for a loaded machine.
+ACTION_MS = 60_000
+
+
+@dataclass
+class Demo:
+    """The demo template on QEMU_URI and the guest names to remove afterwards."""
+
+    hv: Hypervisor
+    template: GuestTemplate
+    names: list[str] = field(default_factory=list)
+
+    def new_name(self) -> str:
+        name = new_name("vmportal-bf-")
+        self.names.append(name)
+        return name
+
+
+def act(page: Page, seen: Watch, action: str, state: str) -> None:
+    """Press an action button on the guest page and wait for the state badge and the buttons."""
+    page.locator(f'[data-action="{action}"]').click()
+    with seen.explaining():
+        expect(page.locator("#guest-messages")).to_have_text(f"{Job.Kind(action).label} queued.")
+        expect(page.locator("#guest-state")).to_have_text(state, timeout=ACTION_MS)
+        # The buttons come back once the job is over.
+        expect(page.locator("[data-action]").first).to_be_visible(timeout=ACTION_MS)

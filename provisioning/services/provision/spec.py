@@ -188,6 +188,7 @@ class Plan:
             bootloader=t.bootloader_path or None,
             seed=domxml.VolumeRef(self.pool.name, self.seed_volume) if self.seed_volume else None,
             agent=True,
+            vnc_listen=self.host.display_address,
             serial_log=str(console_log_path(g.uuid)),
             metadata={
                 "request": str(self.request.pk),

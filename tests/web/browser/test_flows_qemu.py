@@ -10,35 +10,31 @@ from __future__ import annotations
 import queue
 import re
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, expect
 
 from provisioning.hypervisor import operations, storage
-from provisioning.hypervisor.connection import Hypervisor, get_hypervisor
 from provisioning.hypervisor.events import EventListener, LifecycleEvent
 from provisioning.hypervisor.types import GuestState
-from provisioning.models import Guest, GuestTemplate, Job
+from provisioning.models import Guest, Job
 from provisioning.services.actions import save_path
-from provisioning.services.demo import DEMO_POOL_NAME, DEMO_TEMPLATE_NAME, demo_seed
-from tests.factories import PASSWORD, make_host
+from provisioning.services.demo import DEMO_POOL_NAME, DEMO_TEMPLATE_NAME
+from tests.factories import PASSWORD
 from tests.support.browser import log_in
 from tests.support.flows import (
-    Watch,
+    Demo,
+    act,
     ask_for_guest,
     landed_on_request,
     listener_connected,
-    new_name,
     observe_state,
-    remove_qemu_guest,
     seen_at_ms,
     watch,
 )
 from tests.support.libvirt import QEMU_URI
-from tests.support.stack import RedisServer, Stack, point_celery_at, wait_until
+from tests.support.stack import Stack, wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.qemu, pytest.mark.timeout(240)]
 
@@ -48,51 +44,6 @@ INSTALL_MS = 120_000
 ACTION_MS = 60_000
 LATENCY_LIMIT_MS = 3_000
 KERNEL_LOG = re.compile(r"^\[ *\d+\.\d+\] ", re.M)  # a kernel log line: "[    0.440467] ..."
-
-
-@dataclass
-class Demo:
-    """The demo template on QEMU_URI and the guest names to remove afterwards."""
-
-    hv: Hypervisor
-    template: GuestTemplate
-    names: list[str] = field(default_factory=list)
-
-    def new_name(self) -> str:
-        name = new_name("vmportal-bf-")
-        self.names.append(name)
-        return name
-
-
-@pytest.fixture
-def qemu_stack(transactional_db: None, own_redis: RedisServer, settings) -> Iterator[Stack]:
-    """The `stack` fixture on QEMU_URI with software emulation (KVM hangs here)."""
-    from vmportal.celery import app
-
-    settings.REDIS_URL = own_redis.url
-    settings.LIBVIRT_URI = QEMU_URI
-    settings.VMPORTAL_DOMAIN_TYPE = "qemu"
-    previous = app.conf.broker_url
-    point_celery_at(own_redis.url)
-    running = Stack(own_redis, QEMU_URI)
-    running.env["VMPORTAL_DOMAIN_TYPE"] = "qemu"
-    try:
-        yield running
-    finally:
-        running.stop()
-        point_celery_at(previous)
-
-
-@pytest.fixture
-def demo(qemu_stack: Stack) -> Iterator[Demo]:
-    # "local": the host whose queue (hv.local) the stack's worker serves; demo_seed adds its pool.
-    host = make_host("local", uri=QEMU_URI, pool=None)
-    made = Demo(get_hypervisor(QEMU_URI), demo_seed(host=host, log=lambda _line: None))
-    try:
-        yield made
-    finally:
-        for name in made.names:
-            remove_qemu_guest(made.hv, name, DEMO_POOL_NAME)
 
 
 class Events:
@@ -115,16 +66,6 @@ class Events:
             if got.uuid == uuid and got.event == event:
                 return got
         raise AssertionError(f"no {event} event for {uuid} within {timeout} s")
-
-
-def act(page: Page, seen: Watch, action: str, state: str) -> None:
-    """Press an action button on the guest page and wait for the state badge and the buttons."""
-    page.locator(f'[data-action="{action}"]').click()
-    with seen.explaining():
-        expect(page.locator("#guest-messages")).to_have_text(f"{Job.Kind(action).label} queued.")
-        expect(page.locator("#guest-state")).to_have_text(state, timeout=ACTION_MS)
-        # The buttons come back once the job is over.
-        expect(page.locator("[data-action]").first).to_be_visible(timeout=ACTION_MS)
 
 
 def delete(page: Page, typed: str) -> None:
