@@ -93,21 +93,41 @@ FIGURES = [
     Figure("waiting_rss_kb_per_install", "500 waiting: RSS per install", "KB", 50),
     Figure("list_10k_p95_ms", "guest list, 10,000 guests, p95", "ms", 50),
     Figure("list_10k_queries", "guest list, 10,000 guests, queries", "queries", 10),
+    Figure(
+        "console_echo_vs_virsh",
+        "keystroke to echo drawn, serial terminal, p95",
+        "ratio",
+        1.5,
+        portal="console_echo_portal_p95_ms",
+        anchor="console_echo_virsh_p95_ms",
+        anchor_label="virsh console through a pty",
+    ),
+    Figure("console_echo_p95_ms", "keystroke in xterm.js to its echo drawn, p95", "ms", 50),
     Figure("event_to_dom_p95_ms", "libvirt event → badge in Chromium p95", "ms", 500),
     Figure("sse_1000_p95_ms", "1,000 SSE watchers, event latency p95", "ms", 1000),
 ]
 
 # Run order: the QEMU installs first on a quiet stack; the 10,000 rows before the 500 waiting
 # installs, which stay until the end.
-BENCHMARKS = ["install", "debian", "throughput", "event_to_dom", "sse", "list", "waiting"]
+BENCHMARKS = [
+    "install",
+    "debian",
+    "throughput",
+    "event_to_dom",
+    "console",
+    "sse",
+    "list",
+    "waiting",
+]
 
 
 def _benchmark(name: str) -> Callable[[Any], dict[str, Any]]:
-    from bench import browser, debian, install, listing, sse, throughput, waiting
+    from bench import browser, console, debian, install, listing, sse, throughput, waiting
 
     modules: dict[str, Any] = {
         "install": install,
         "debian": debian,
+        "console": console,
         "throughput": throughput,
         "event_to_dom": browser,
         "sse": sse,

@@ -32,27 +32,21 @@ from tests.support.flows import (
     watch,
 )
 from tests.support.stack import ARTIFACTS, Stack, wait_until
+from tests.support.terminal import (
+    COUNT_LINES_JS,
+    STEP_MS,
+    TERMINAL,
+    lines,
+    run_in_terminal,
+    terminal_state,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.qemu, pytest.mark.timeout(300)]
 
 INSTALL_MS = 120_000
-STEP_MS = 20_000
 BOOT_MS = 90_000
-TERMINAL = "[data-terminal]"
 SCREEN = "[data-screen]"
 
-# How many lines of the terminal read exactly `want` (xterm.js's buffer, scrollback included).
-COUNT_LINES_JS = """
-(want) => {
-  const buffer = document.querySelector('[data-terminal]').terminal.buffer.active;
-  let n = 0;
-  for (let i = 0; i < buffer.length; i++) {
-    const line = buffer.getLine(i);
-    if (line && line.translateToString(true).trim() === want) n++;
-  }
-  return n;
-}
-"""
 # Pixels of the noVNC canvas that are not black.
 LIT_PIXELS_JS = """
 () => {
@@ -81,25 +75,6 @@ OPEN_JS = """
   ws.onclose = (e) => resolve({code: e.code, reason: e.reason, messages});
 })
 """
-
-
-def lines(page: Page, want: str) -> int:
-    return int(page.evaluate(COUNT_LINES_JS, want))
-
-
-def run_in_terminal(page: Page, command: str, answer: str) -> None:
-    """Type a command into the terminal and wait for its answer on a line of its own."""
-    before = lines(page, answer)
-    page.locator(f"{TERMINAL} .terminal-box").click()
-    page.keyboard.type(command)
-    page.keyboard.press("Enter")
-    page.wait_for_function(
-        "([want, n]) => (" + COUNT_LINES_JS + ")(want) > n", arg=[answer, before], timeout=STEP_MS
-    )
-
-
-def terminal_state(page: Page, state: str, timeout: float = STEP_MS) -> None:
-    expect(page.locator(TERMINAL)).to_have_attribute("data-state", state, timeout=timeout)
 
 
 def mint(page: Page, uuid: str, kind: str) -> tuple[int, dict[str, object]]:

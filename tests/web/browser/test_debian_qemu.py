@@ -45,6 +45,7 @@ from tests.support.flows import (
 from tests.support.netns import NetnsHost
 from tests.support.qemu import free_subnet
 from tests.support.stack import RedisServer, Stack, point_celery_at, wait_until
+from tests.support.terminal import TERMINAL, terminal_state, wait_for_text
 
 pytestmark = [
     pytest.mark.browser,
@@ -196,6 +197,12 @@ def test_a_user_with_a_key_gets_a_debian_guest_sees_its_address_and_logs_in_over
     answered = time.monotonic() - clicked
     assert hostname == name
     print(f"TIMING debian portal: create -> address shown {shown:.1f} s, -> SSH {answered:.1f} s")
+
+    # --- the serial terminal on the page shows the guest's login prompt ---
+    terminal_state(page, "running")
+    page.locator(f"{TERMINAL} .terminal-box").click()
+    page.keyboard.press("Enter")
+    wait_for_text(page, f"{name} login:")
 
     # --- the guest agent connects (its event reaches the page), and Shut down goes through it ---
     expect(page.locator("#guest-agent")).to_have_attribute(

@@ -1,4 +1,5 @@
-"""A staff user moves a running guest from host a to host b from its page, watching it go.
+"""A staff user moves a running guest from host a to host b from its page, watching it go; the
+guest's serial terminal, open on the page, moves with it.
 
 Two real libvirt daemons (tests/support/multihost.py), a worker and a listener per host, and the
 web server. After the Migrate form's post the page stays put: the job's progress, the end of the
@@ -33,6 +34,7 @@ from tests.support.multihost import (
     uptimes,
     wait_listening,
 )
+from tests.support.terminal import run_in_terminal, terminal_state
 
 pytestmark = [pytest.mark.browser, pytest.mark.qemu, pytest.mark.timeout(300)]
 
@@ -77,6 +79,9 @@ def test_a_staff_user_migrates_a_running_guest_from_its_page_and_watches_it_move
     page.goto(f"{base}/guests/{uuid}/")
     expect(page.locator("#guest-host")).to_have_text("a")
     expect(page.locator("#guest-state")).to_have_text("Running")
+    # The serial terminal is open on host a's console before the move.
+    terminal_state(page, "running")
+    run_in_terminal(page, "echo $((6*7))", "42")
     page.get_by_label("Destination host").select_option(label="b")
     page.locator('[data-action="migrate"]').click()
 
@@ -91,6 +96,9 @@ def test_a_staff_user_migrates_a_running_guest_from_its_page_and_watches_it_move
         expect(page.locator("#job-progress")).to_have_count(0)  # the job is over
         expect(page.locator('[data-action="migrate"]')).to_be_visible()  # offered again
 
+    # The terminal followed the guest to host b by itself, and its shell still answers.
+    terminal_state(page, "running", timeout=MIGRATION_TIMEOUT * 1000)
+    run_in_terminal(page, "echo $((8*8))", "64")
     seen.assert_not_reloaded(loads)
     shown = page.evaluate("window.__progress")
     print(f"PROGRESS shown on the page: {shown}")
