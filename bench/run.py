@@ -95,10 +95,10 @@ FIGURES = [
     Figure("list_10k_queries", "guest list, 10,000 guests, queries", "queries", 10),
     Figure(
         "console_echo_vs_virsh",
-        "keystroke to echo drawn, serial terminal, p95",
+        "keystroke in xterm.js to its echo in the terminal, p95",
         "ratio",
         1.5,
-        portal="console_echo_portal_p95_ms",
+        portal="console_echo_parsed_p95_ms",
         anchor="console_echo_virsh_p95_ms",
         anchor_label="virsh console through a pty",
     ),
