@@ -18,7 +18,6 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import libvirt
-import libvirtmod  # type: ignore[import-not-found]
 from lxml import etree
 
 from .connection import close_quietly, open_connection
@@ -29,6 +28,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "SerialConsole",
     "display_address",
+    "display_of",
     "is_local_uri",
     "open_display",
     "open_serial_consoles",
@@ -77,7 +77,8 @@ def _watch_stream(stream: libvirt.virStream, callback: Callable[..., None]) -> d
     lets ``_unwatch_stream`` cut that link, so the stream and its connection are freed.
     """
     data: dict[str, object] = {"stream": stream, "cb": callback, "opaque": None}
-    if libvirtmod.virStreamEventAddCallback(stream._o, _READ_EVENTS, data) == -1:
+    # libvirt-python's own C module, which eventAddCallback calls with its data.
+    if libvirt.libvirtmod.virStreamEventAddCallback(stream._o, _READ_EVENTS, data) == -1:
         raise libvirt.libvirtError("virStreamEventAddCallback() failed")
     return data
 
@@ -300,6 +301,11 @@ def display_address(uri: str, uuid: str) -> tuple[str, int]:
             xml = conn.lookupByUUIDString(uuid).XMLDesc(0)
     finally:
         close_quietly(conn)
+    return display_of(xml, uri)
+
+
+def display_of(xml: str, uri: str) -> tuple[str, int]:
+    """The (address, port) a portal on another machine reaches a domain's VNC display at."""
     root = etree.fromstring(xml.encode(), etree.XMLParser(resolve_entities=False, no_network=True))
     graphics = root.find("devices/graphics[@type='vnc']")
     if graphics is None:

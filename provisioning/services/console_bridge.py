@@ -24,7 +24,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection
 
-from provisioning.hypervisor import HypervisorError
+from provisioning.hypervisor import HypervisorError, NotFound, WrongState
 from provisioning.hypervisor.consoles import SerialConsole, open_display
 from provisioning.services import consoles
 from provisioning.services.consoles import Opened
@@ -35,7 +35,10 @@ SendBytes = Callable[[bytes], Awaitable[None]]
 SendText = Callable[[str], Awaitable[None]]
 Close = Callable[[int, str], Awaitable[None]]
 TICK = 1.0  # how often a waiting bridge looks at the guest, and idle time is checked
-TAKEOVER_GRACE = 1.5  # a stream that ends while the guest still runs, for this long: taken over
+TAKEOVER_GRACE = 1.5  # a stream that fails while the guest still runs, for this long: taken over
+# The console ends (EOF) as the emulator quits; libvirt marks the domain shut off a second or two
+# later. Until it does (or for this long at most) the bridge waits without re-attaching.
+STOPPING_FOR = 30.0
 _LONE_LF = re.compile(rb"(?<!\r)\n")
 
 # The serial bridge attached to each guest in this process: a newer one marks the older.
@@ -119,6 +122,7 @@ class SerialBridge(_Bridge):
         self._console: SerialConsole | None = None
         self.state = opened.state
         self.taken_over = False
+        self._stopping_since = 0.0
 
     def _wake(self) -> None:
         self._events.put_nowait(("stop", None))
@@ -182,7 +186,7 @@ class SerialBridge(_Bridge):
             elif kind == "state":
                 await self._moved_to(value)
             elif kind == "end":
-                await self._stream_ended()
+                await self._stream_ended(value)
 
     async def _attach_if_up(self) -> None:
         console = self._console
@@ -197,7 +201,13 @@ class SerialBridge(_Bridge):
         if previous is not None and previous is not self:
             previous.taken_over = True
         _attached[self.opened.guest_uuid] = self
-        await asyncio.to_thread(console.attach)
+        try:
+            await asyncio.to_thread(console.attach)
+        except (NotFound, WrongState) as exc:
+            # It stopped again between the look and the attach: keep waiting for it.
+            log.info("console of %s: attach failed, waiting: %s", self.opened.guest_uuid, exc)
+            self.state = "stopped"
+            return
         await self._say_state()
 
     async def _say_state(self) -> None:
@@ -209,7 +219,8 @@ class SerialBridge(_Bridge):
     async def _moved_to(self, state: str) -> None:
         console = self._console
         assert console is not None
-        if state == self.state:
+        if state == self.state or (self.state == "stopping" and state not in ("running", "paused")):
+            self.state = state
             return
         self.state = state
         if state in ("running", "paused"):
@@ -224,15 +235,24 @@ class SerialBridge(_Bridge):
                 f"{self.opened.guest_name} stopped; this terminal reconnects when it runs again.",
             )
 
-    async def _stream_ended(self) -> None:
+    async def _stream_ended(self, why: str) -> None:
         console = self._console
         assert console is not None
         if self.taken_over:
             await self._taken_over()
             return
-        # The stream ends when the guest stops and when another viewer (maybe `virsh console
-        # --force` elsewhere) takes the console over. A stop is followed by its lifecycle event
-        # (the pty closes before libvirt marks the domain shut off): wait a little for one.
+        if why == "eof":
+            # The emulator closed the console: the guest is stopping (destroyed, shut down, or
+            # its migration ended on this host). The state follows shortly.
+            self.state = "stopping"
+            self._stopping_since = time.monotonic()
+            await self.status(
+                "stopped",
+                f"{self.opened.guest_name} stopped; this terminal reconnects when it runs again.",
+            )
+            return
+        # A stream that fails is one another viewer (maybe `virsh console --force` elsewhere)
+        # took over, unless the guest stopped meanwhile.
         deadline = time.monotonic() + TAKEOVER_GRACE
         while (left := deadline - time.monotonic()) > 0:
             try:
@@ -270,6 +290,9 @@ class SerialBridge(_Bridge):
             await self._attach_if_up()
             return
         state = await asyncio.to_thread(console.state)
+        stopping = self.state == "stopping" and state in ("running", "paused")
+        if stopping and time.monotonic() - self._stopping_since < STOPPING_FOR:
+            return  # libvirt has not marked it shut off yet
         if state != self.state:
             await self._moved_to(state)
 

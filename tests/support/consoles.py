@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -133,3 +134,25 @@ class Viewer:
 
 def history(guest: Guest) -> list[ConsoleSession]:
     return list(guest.console_sessions.filter(opened__isnull=False).order_by("opened"))
+
+
+def run_async(make: Callable[[], Any]) -> Any:
+    """Run the coroutine `make()` returns on an event loop of its own, in a thread of its own.
+
+    A test process that drove Chromium already has Playwright's loop running in its main
+    thread, where asyncio.run() refuses to start another.
+    """
+    result: dict[str, Any] = {}
+
+    def main() -> None:
+        try:
+            result["value"] = asyncio.run(make())
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=main, name="console-test-loop")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")

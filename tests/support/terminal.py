@@ -37,7 +37,12 @@ def run_in_terminal(page: Page, command: str, answer: str) -> None:
 
 
 def terminal_state(page: Page, state: str, timeout: float = STEP_MS) -> None:
-    expect(page.locator(TERMINAL)).to_have_attribute("data-state", state, timeout=timeout)
+    """Wait for the terminal's state; on failure say what its status line said."""
+    try:
+        expect(page.locator(TERMINAL)).to_have_attribute("data-state", state, timeout=timeout)
+    except AssertionError as exc:
+        said = page.locator(f"{TERMINAL} .console-status").inner_text()
+        raise AssertionError(f"terminal not {state!r}; its status says: {said!r}") from exc
 
 
 # Whether some line of the terminal contains `text`.

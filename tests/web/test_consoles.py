@@ -7,7 +7,6 @@ has no consoles, so a console let in here ends as "unavailable" rather than stre
 
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
 
 import pytest
@@ -16,7 +15,7 @@ from django.utils import timezone
 from provisioning.models import ConsoleSession, Guest
 from provisioning.services import consoles
 from tests.factories import make_guest, make_host, make_user
-from tests.support.consoles import Viewer, history, session_cookie, token_for
+from tests.support.consoles import Viewer, history, run_async, session_cookie, token_for
 from vmportal.asgi import application
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -43,7 +42,7 @@ def refused(guest: Guest, token: str, **kwargs: object) -> tuple[tuple[int, str]
         await viewer.leave()
         return close, viewer
 
-    return asyncio.run(go())
+    return run_async(go)
 
 
 def assert_nothing_sent(viewer: Viewer) -> None:

@@ -22,7 +22,7 @@ from provisioning.hypervisor.types import GuestState
 from provisioning.models import ConsoleSession, Guest
 from provisioning.services import consoles
 from tests.factories import make_guest, make_host, make_user
-from tests.support.consoles import Viewer, history, open_fds, session_cookie, token_for
+from tests.support.consoles import Viewer, history, open_fds, run_async, session_cookie, token_for
 from tests.support.domains import Cleanup, domain_xml, new_uuid
 from tests.support.libvirt import QEMU_URI, console_dir
 from tests.support.qemu import DEMO_CACHE, DOMAIN_TYPE, STAGE_PARENT, read_console, unique
@@ -127,7 +127,7 @@ def test_typing_runs_shell_commands_after_the_boot_log_as_scrollback(row: Guest)
         await echo(viewer, 6, 7)
         await viewer.leave()
 
-    asyncio.run(go())
+    run_async(go)
     [session] = history(row)
     assert session.user == row.owner and session.kind == ConsoleSession.Kind.SERIAL
     assert session.closed is not None and "closed by the viewer" in session.close_reason
@@ -148,7 +148,7 @@ def test_a_pause_is_shown_and_typing_works_again_after_resume(row: Guest, runnin
             await viewer.leave()
             ensure_running(running)
 
-    asyncio.run(go())
+    run_async(go)
 
 
 def test_a_second_viewer_takes_the_console_over_and_the_first_is_told(row: Guest) -> None:
@@ -160,7 +160,7 @@ def test_a_second_viewer_takes_the_console_over_and_the_first_is_told(row: Guest
         await echo(second, 3, 5)
         await second.leave()
 
-    asyncio.run(go())
+    run_async(go)
     sessions = history(row)
     assert len(sessions) == 2 and "took over" in sessions[0].close_reason
 
@@ -189,7 +189,7 @@ def test_a_stopped_guest_is_shown_and_the_terminal_reattaches_when_it_starts(
             await viewer.leave()
             ensure_running(running)
 
-    asyncio.run(go())
+    run_async(go)
 
 
 def test_the_display_speaks_rfb_through_libvirt(row: Guest) -> None:
@@ -200,7 +200,7 @@ def test_the_display_speaks_rfb_through_libvirt(row: Guest) -> None:
         assert bytes(viewer.output[:4]) == b"RFB "
         await viewer.leave()
 
-    asyncio.run(go())
+    run_async(go)
     [session] = history(row)
     assert session.kind == ConsoleSession.Kind.GRAPHICS and session.closed is not None
 
@@ -214,7 +214,7 @@ def test_an_idle_console_is_closed(row: Guest, settings) -> None:
         await viewer.leave()
         return close
 
-    code, reason = asyncio.run(go())
+    code, reason = run_async(go)
     assert code == consoles.IDLE and "without input" in reason
     assert "without input" in history(row)[0].close_reason
 
@@ -231,7 +231,7 @@ def test_two_hundred_sessions_leave_no_stream_descriptor_or_task_behind(row: Gue
         after = (open_fds(), len(asyncio.all_tasks()), open_serial_consoles())
         return before, after
 
-    before, after = asyncio.run(go())
+    before, after = run_async(go)
     assert after[2] == 0 and before[2] == 0, "every libvirt console session was closed"
     assert after[1] == before[1], f"tasks {before[1]} -> {after[1]}"
     assert after[0] <= before[0] + 2, f"file descriptors {before[0]} -> {after[0]}"

@@ -114,6 +114,27 @@ def test_a_user_types_into_the_serial_terminal_and_sees_the_screen_through_the_p
     page.wait_for_function("() => (" + COUNT_LINES_JS + ")('VMPORTAL-READY') >= 1", timeout=BOOT_MS)
     run_in_terminal(page, "echo $((6*7))", "42")
 
+    # --- copy and paste through the terminal's buttons; the terminal fits its box ---
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.evaluate("document.querySelector('[data-terminal]').terminal.selectAll()")
+    page.locator(f"{TERMINAL} [data-console='copy']").click()
+    copied = page.evaluate("navigator.clipboard.readText()")
+    assert "echo $((6*7))" in copied and "\n42\n" in copied.replace("\r", ""), copied[-200:]
+    page.evaluate("navigator.clipboard.writeText('echo $((2*21))\\n')")
+    before = lines(page, "42")
+    page.locator(f"{TERMINAL} [data-console='paste']").click()
+    page.wait_for_function("(n) => (" + COUNT_LINES_JS + ")('42') > n", arg=before, timeout=STEP_MS)
+    cols = page.evaluate("document.querySelector('[data-terminal]').terminal.cols")
+    size = page.viewport_size or {"width": 1280, "height": 720}
+    page.set_viewport_size({"width": 480, "height": size["height"]})
+    page.wait_for_function(
+        "(c) => document.querySelector('[data-terminal]').terminal.cols < c", arg=cols
+    )
+    page.set_viewport_size(size)
+    page.wait_for_function(
+        "(c) => document.querySelector('[data-terminal]').terminal.cols === c", arg=cols
+    )
+
     # --- the screen: noVNC draws the guest's VGA text console ---
     expect(page.locator(SCREEN)).to_have_attribute("data-state", "running", timeout=STEP_MS)
     wait_until(lambda: page.evaluate(LIT_PIXELS_JS) > 500, timeout=30, what="a drawn screen")
