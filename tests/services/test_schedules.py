@@ -381,7 +381,9 @@ def test_a_failed_rebuild_keeps_the_guest_and_the_schedule_fires_again(
     root = domxml.parse_untrusted(operations.get_xml(hv(), str(guest.uuid), inactive=True))
     assert root.find("os/kernel") is None
     guest.refresh_from_db()
-    assert guest.state == Guest.State.DEFINED
+    # Stopped, unless the schedule's next firing (every 2 s) has already begun the next rebuild.
+    later = ProvisioningRequest.objects.filter(guest=guest, pk__gt=request.pk)
+    assert guest.state == Guest.State.DEFINED or later.exists(), guest.state
 
     again = wait_for_run(
         stack,
