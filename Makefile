@@ -37,7 +37,7 @@ prepare:
 	$(PY) manage.py collectstatic --noinput -v0
 	$(PY) manage.py migrate --noinput -v0
 	$(PY) manage.py ensure_admin
-	$(PY) manage.py seed_demo --network
+	$(PY) manage.py seed_demo --network --methods
 
 # The Debian 12 cloud-init demo template: its image (provisioning/demo/debian.py, built from
 # Debian packages in 2-3 minutes once, cached in var/demo/debian), a NAT network, the template.

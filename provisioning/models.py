@@ -174,6 +174,7 @@ class GuestTemplate(models.Model):
     class FinalBoot(models.TextChoices):
         HD = "hd", "BIOS, boot from disk"
         BOOTLOADER = "bootloader", "Host bootloader"
+        KERNEL = "kernel", "The media's kernel and initrd, on every boot"
 
     name = models.CharField(max_length=100, unique=True)
     description = models.TextField(blank=True)
@@ -302,6 +303,37 @@ class GuestTemplate(models.Model):
     def __str__(self) -> str:
         return f"{self.name} (v{self.version})"
 
+    @property
+    def libvirt_summary(self) -> str:
+        """What a request of this template does, in one line of libvirt's terms."""
+        m, life = self.Method, self.Lifecycle
+        boots = {
+            self.FinalBoot.HD: "that boots from the disk (boot dev='hd')",
+            self.FinalBoot.BOOTLOADER: "booted by the host bootloader",
+            self.FinalBoot.KERNEL: "that boots the kernel and initrd",
+        }[self.FinalBoot(self.final_boot)]
+        if self.lifecycle == life.TRANSIENT:
+            then = "createXML only: a transient guest, gone when it stops"
+        else:
+            then = f"defineXML + create of a persistent config {boots}"
+        if self.method == m.IMPORT:
+            return f"A copy of volume {self.base_volume}, then {then}."
+        if self.method == m.CLOUD:
+            return (
+                f"A copy-on-write overlay of {self.base_volume} and a NoCloud seed CD-ROM, "
+                f"then {then}."
+            )
+        if self.lifecycle != life.INSTALL:
+            if self.method == m.KERNEL and self.final_boot == self.FinalBoot.KERNEL:
+                return f"No install: {then} (direct kernel boot)."
+            return f"No install: {then}."
+        install = {
+            m.KERNEL: "a transient install boot of kernel, initrd and cmdline (on_reboot=destroy)",
+            m.CDROM: "a transient install boot from the ISO, boot order hd then cdrom",
+            m.PXE: "a transient install boot from the network, boot order hd then network",
+        }[self.Method(self.method)]
+        return f"createXML of {install}; once the installer powers off, {then}."
+
     def size_range(self, field: str) -> tuple[int, int, int]:
         """(minimum, default, maximum) of one of SIZES."""
         if field == "data_disk_mib":
@@ -356,6 +388,10 @@ class GuestTemplate(models.Model):
                 errors["cloud_config"] = str(exc)
         if self.final_boot == self.FinalBoot.BOOTLOADER and not self.bootloader_path:
             errors["bootloader_path"] = "Give the host bootloader's path."
+        if self.final_boot == self.FinalBoot.KERNEL and (
+            self.media is None or self.media.kind != Media.Kind.KERNEL
+        ):
+            errors["final_boot"] = "Booting the kernel on every boot needs kernel media."
         if self.lifecycle == self.Lifecycle.TRANSIENT and self.autostart:
             errors["autostart"] = "Transient guests cannot autostart."
         if self.autodestroy and self.lifecycle != self.Lifecycle.TRANSIENT:
@@ -390,6 +426,9 @@ class Guest(models.Model):
     state_changed = models.DateTimeField(null=True, blank=True)
     persistent = models.BooleanField(default=False)
     autostart = models.BooleanField(default=False)
+    # Started with VIR_DOMAIN_START_AUTODESTROY: libvirt destroys it when the connection that
+    # started it (a worker's) closes, and refuses to save or migrate it.
+    autodestroy = models.BooleanField(default=False)
     vcpus = models.PositiveIntegerField(default=1)
     memory_mib = models.PositiveIntegerField(default=512)
     disk_mib = models.PositiveIntegerField(default=0)
@@ -528,6 +567,7 @@ class Job(models.Model):
         DELETE = "delete", "Delete"
         REBUILD = "rebuild", "Rebuild"
         MIGRATE = "migrate", "Migrate"
+        MAKE_PERSISTENT = "make_persistent", "Make persistent"
 
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"

@@ -459,6 +459,11 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def recipe_hash() -> str:
+    """The hash of everything that shapes the artifacts (a new one means a new build)."""
+    return _recipe_hash()
+
+
 def _write_manifest(out: Path, version: str) -> None:
     manifest = {"recipe": _recipe_hash(), "kernel_version": version}
     (out / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

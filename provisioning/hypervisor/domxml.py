@@ -154,7 +154,9 @@ class GuestSpec:
     disks: tuple[DiskSpec, ...] = ()
     nics: tuple[NicSpec, ...] = ()
     media: BootMedia = BootMedia()
-    final_boot: Literal["hd", "bootloader"] = "hd"
+    # How the installed (or only) config boots: BIOS from the disk, a host bootloader, or the
+    # media's kernel and initrd on every boot (a kernel-method guest with no install).
+    final_boot: Literal["hd", "bootloader", "kernel"] = "hd"
     bootloader: str | None = None
     serial_log: str | None = None
     vnc: bool = True
@@ -368,7 +370,9 @@ def _validate(spec: GuestSpec) -> None:
     if spec.method == "cloud" and (media.kernel is None) != (media.initrd is None):
         raise SpecError("media: a cloud image boots a kernel and an initrd together, or neither")
 
-    _require_choice(spec.final_boot, ("hd", "bootloader"), "final_boot")
+    _require_choice(spec.final_boot, ("hd", "bootloader", "kernel"), "final_boot")
+    if spec.final_boot == "kernel" and (media.kernel is None or media.initrd is None):
+        raise SpecError("media: final_boot='kernel' needs a kernel and an initrd")
     if spec.final_boot == "bootloader":
         if spec.bootloader is None:
             raise SpecError("bootloader: final_boot='bootloader' needs a bootloader path")
@@ -570,7 +574,7 @@ def _add_os(root: etree._Element, spec: GuestSpec, phase: Phase) -> None:
     if spec.machine is not None:
         type_attrs["machine"] = spec.machine
     _sub(os_element, "type", "hvm", **type_attrs)
-    if installing and spec.method == "kernel":
+    if (installing and spec.method == "kernel") or (not installing and spec.final_boot == "kernel"):
         _sub(os_element, "kernel", str(spec.media.kernel))
         _sub(os_element, "initrd", str(spec.media.initrd))
         if spec.media.cmdline:

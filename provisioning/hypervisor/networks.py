@@ -12,7 +12,14 @@ from .connection import Hypervisor
 __all__ = ["ensure_network", "network_subnets"]
 
 
-def _network_xml(name: str, bridge: str, subnet: ipaddress.IPv4Network, nat: bool) -> str:
+def _network_xml(
+    name: str,
+    bridge: str,
+    subnet: ipaddress.IPv4Network,
+    nat: bool,
+    tftp_root: str | None = None,
+    boot_file: str | None = None,
+) -> str:
     hosts = list(subnet.hosts())
     root = etree.Element("network")
     etree.SubElement(root, "name").text = name
@@ -21,8 +28,13 @@ def _network_xml(name: str, bridge: str, subnet: ipaddress.IPv4Network, nat: boo
     # Without <forward> the network is isolated: guests reach the host's side of it, no further.
     etree.SubElement(root, "bridge", name=bridge, stp="on", delay="0")
     ip = etree.SubElement(root, "ip", address=str(hosts[0]), netmask=str(subnet.netmask))
+    if tftp_root is not None:
+        # libvirt's dnsmasq serves this folder over TFTP, for PXE installs.
+        etree.SubElement(ip, "tftp", root=tftp_root)
     dhcp = etree.SubElement(ip, "dhcp")
     etree.SubElement(dhcp, "range", start=str(hosts[min(9, len(hosts) - 2)]), end=str(hosts[-1]))
+    if boot_file is not None:
+        etree.SubElement(dhcp, "bootp", file=boot_file)
     return etree.tostring(root, encoding="unicode")
 
 
@@ -45,11 +57,19 @@ def network_subnets(hv: Hypervisor) -> dict[str, list[ipaddress.IPv4Network]]:
 
 
 def ensure_network(
-    hv: Hypervisor, name: str, *, bridge: str, subnet: ipaddress.IPv4Network, nat: bool
+    hv: Hypervisor,
+    name: str,
+    *,
+    bridge: str,
+    subnet: ipaddress.IPv4Network,
+    nat: bool,
+    tftp_root: str | None = None,
+    boot_file: str | None = None,
 ) -> bool:
     """Define, start and autostart network `name` unless it exists (then only start it).
 
-    True when it was made here. An existing network is left as it is configured.
+    With tftp_root and boot_file its DHCP hands out that boot file and serves the folder by
+    TFTP (PXE). True when it was made here. An existing network is left as it is configured.
     """
 
     def run(conn: libvirt.virConnect) -> bool:
@@ -59,7 +79,8 @@ def ensure_network(
         except libvirt.libvirtError as exc:
             if exc.get_error_code() != libvirt.VIR_ERR_NO_NETWORK:
                 raise
-            net = conn.networkDefineXML(_network_xml(name, bridge, subnet, nat))
+            xml = _network_xml(name, bridge, subnet, nat, tftp_root, boot_file)
+            net = conn.networkDefineXML(xml)
             made = True
         if not net.isActive():
             net.create()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -17,7 +19,7 @@ from provisioning import queue
 from provisioning.hypervisor import domxml, operations, storage
 from provisioning.hypervisor.connection import Hypervisor, get_hypervisor
 from provisioning.hypervisor.errors import HypervisorError, NotFound, WrongState
-from provisioning.hypervisor.types import DomainInfo
+from provisioning.hypervisor.types import DomainInfo, GuestState
 from provisioning.models import Guest, Job
 from provisioning.services import addresses, transitions
 from provisioning.services.guests import guest_sync_state
@@ -32,15 +34,25 @@ ALLOWED: dict[str, frozenset[str]] = {
     S.DEFINED: frozenset({K.START, K.AUTOSTART_ON, K.AUTOSTART_OFF, K.DELETE}),
     S.RUNNING: frozenset(
         {K.SHUTDOWN, K.FORCE_OFF, K.REBOOT, K.SUSPEND, K.SAVE, K.MANAGED_SAVE}
-        | {K.AUTOSTART_ON, K.AUTOSTART_OFF, K.DELETE}
+        | {K.AUTOSTART_ON, K.AUTOSTART_OFF, K.MAKE_PERSISTENT, K.DELETE}
     ),
     S.PAUSED: frozenset(
-        {K.RESUME, K.FORCE_OFF, K.SAVE, K.MANAGED_SAVE, K.AUTOSTART_ON, K.AUTOSTART_OFF, K.DELETE}
+        {K.RESUME, K.FORCE_OFF, K.SAVE, K.MANAGED_SAVE, K.AUTOSTART_ON, K.AUTOSTART_OFF}
+        | {K.MAKE_PERSISTENT, K.DELETE}
     ),
     S.SAVED: frozenset({K.RESTORE, K.AUTOSTART_ON, K.AUTOSTART_OFF, K.DELETE}),
     S.UNDEFINED: frozenset(),
 }
 SHUTDOWN_TIMEOUT = timedelta(seconds=120)
+
+
+# What libvirt refuses an autodestroy guest (the lifecycle guide: it blocks save-to-file,
+# managed save and migration), and why, in the words the refusal uses.
+NOT_FOR_AUTODESTROY: dict[str, str] = {
+    K.SAVE: "its memory cannot be saved to a file",
+    K.MANAGED_SAVE: "it cannot be saved and restored by libvirt",
+    K.MAKE_PERSISTENT: "it cannot be given a persistent config",
+}
 
 
 class ActionRefused(ValueError):
@@ -50,19 +62,36 @@ class ActionRefused(ValueError):
 def allowed_actions(guest: Guest) -> list[str]:
     """The actions the guest's current state allows, in a stable order."""
     allowed = ALLOWED.get(guest.state, frozenset())
-    if not guest.persistent:
+    if guest.persistent:
+        allowed = allowed - {K.MAKE_PERSISTENT}
+    else:
         allowed = allowed - {K.AUTOSTART_ON, K.AUTOSTART_OFF, K.MANAGED_SAVE}
+    if guest.autodestroy:
+        allowed = allowed - set(NOT_FOR_AUTODESTROY)
     allowed = allowed - {K.AUTOSTART_ON} if guest.autostart else allowed - {K.AUTOSTART_OFF}
     return [k.value for k in K if k in allowed]
 
 
+def refusal(guest: Guest, kind: str) -> str | None:
+    """Why the guest cannot take the action now, or None when it can."""
+    if kind in allowed_actions(guest):
+        return None
+    label = Job.Kind(kind).label if kind in Job.Kind.values else kind
+    if guest.autodestroy and kind in NOT_FOR_AUTODESTROY:
+        return (
+            f"{label} is not possible for {guest.name}: it is autodestroyed with the "
+            f"connection that started it, so {NOT_FOR_AUTODESTROY[kind]}"
+        )
+    if kind == K.MAKE_PERSISTENT and guest.persistent:
+        return f"{guest.name} is persistent already"
+    return f"{label} is not possible while {guest.name} is {guest.get_state_display().lower()}"
+
+
 def guest_action(*, guest: Guest, kind: str, by: AbstractBaseUser | None, **options: Any) -> Job:
     """Open a job for the action (GuestBusy if another runs) and queue it after commit."""
-    if kind not in allowed_actions(guest):
-        raise ActionRefused(
-            f"{Job.Kind(kind).label} is not possible while {guest.name} is "
-            f"{guest.get_state_display().lower()}"
-        )
+    refused = refusal(guest, kind)
+    if refused is not None:
+        raise ActionRefused(refused)
     with transaction.atomic():
         job = transitions.job_open(
             kind=Job.Kind(kind),
@@ -80,9 +109,25 @@ def save_path(guest: Guest) -> str:
     return str(settings.SAVE_DIR / f"{guest.uuid}.save")
 
 
+def saved_transient(guest: Guest) -> DomainInfo | None:
+    """A transient guest saved to its file: libvirt forgets such a guest, the file is all there
+    is of it, and restoring the file brings it back transient. None when there is no file."""
+    if not Path(save_path(guest)).exists():
+        return None
+    return dataclasses.replace(
+        DomainInfo.undefined(str(guest.uuid)),
+        name=guest.name,
+        state=GuestState.SAVED,
+        reason="saved",
+    )
+
+
 def _save(hv: Hypervisor, guest: Guest) -> DomainInfo:
     settings.SAVE_DIR.mkdir(parents=True, exist_ok=True)
-    return operations.save(hv, str(guest.uuid), save_path(guest))
+    info = operations.save(hv, str(guest.uuid), save_path(guest))
+    if not info.exists:
+        return saved_transient(guest) or info
+    return info
 
 
 def _restore(hv: Hypervisor, guest: Guest) -> DomainInfo:
@@ -124,6 +169,13 @@ def _delete(hv: Hypervisor, guest: Guest, keep_disk: bool = False) -> DomainInfo
     return DomainInfo.undefined(uuid)
 
 
+def _make_persistent(hv: Hypervisor, guest: Guest) -> DomainInfo:
+    """defineXML with the running transient guest's live config, as the lifecycle guide says:
+    it runs on, and is "defined" (stopped, not gone) after it next shuts down."""
+    uuid = str(guest.uuid)
+    return operations.make_persistent(hv, uuid, operations.get_xml(hv, uuid))
+
+
 def _shutdown(hv: Hypervisor, guest: Guest) -> tuple[DomainInfo, str]:
     """Ask the guest to shut down through its agent when it is there, else by ACPI; the state
     after, and how it was asked (for the job's log)."""
@@ -152,6 +204,7 @@ ACTIONS: dict[str, Callable[..., DomainInfo]] = {
     K.AUTOSTART_ON: lambda hv, g, **o: operations.set_autostart(hv, str(g.uuid), True),
     K.AUTOSTART_OFF: lambda hv, g, **o: operations.set_autostart(hv, str(g.uuid), False),
     K.DELETE: lambda hv, g, **o: _delete(hv, g, keep_disk=o.get("keep_disk", False)),
+    K.MAKE_PERSISTENT: lambda hv, g, **o: _make_persistent(hv, g),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from django.conf import settings
@@ -15,6 +16,22 @@ from provisioning.services import actions, addresses, provision
 from provisioning.services.guests import guest_agrees, guest_sync_state
 
 log = logging.getLogger(__name__)
+# The reason a vanished autodestroy guest is recorded with (Guest.state_reason, 32 at most).
+AUTODESTROYED = "autodestroyed"
+
+
+def _explained(guest: Guest, info: DomainInfo) -> DomainInfo:
+    """What a guest libvirt does not know is: a transient guest saved to its file, or an
+    autodestroy guest libvirt destroyed when the connection that started it (a worker's)
+    closed; nothing else when neither."""
+    if info.exists:
+        return info
+    saved = actions.saved_transient(guest)
+    if saved is not None:
+        return saved
+    if guest.autodestroy:
+        return dataclasses.replace(info, reason=AUTODESTROYED)
+    return info
 
 
 def domain_changed(*, host: Host, uuid: str, info: DomainInfo | None = None) -> None:
@@ -55,6 +72,7 @@ def domain_changed(*, host: Host, uuid: str, info: DomainInfo | None = None) -> 
         return  # the steps or the job record the state themselves when they finish
     if info is None:
         info = operations.get_info(get_hypervisor(host.uri), uuid)
+    info = _explained(guest, info)
     was_running = guest.state == Guest.State.RUNNING
     if not guest_agrees(guest, info):
         guest_sync_state(host=host, info=info, guest=guest)
@@ -107,7 +125,7 @@ def reconcile_host(host: Host) -> dict[str, int]:
     for uuid, guest in guests.items():
         if guest.uuid in busy:
             continue
-        info = domains.get(uuid, DomainInfo.undefined(uuid))
+        info = _explained(guest, domains.get(uuid, DomainInfo.undefined(uuid)))
         if guest.state == Guest.State.UNDEFINED and not info.exists:
             continue
         if guest_sync_state(host=host, info=info):

@@ -48,6 +48,11 @@ def migration_start(
         guest=guest, status__in=ProvisioningRequest.ACTIVE
     ).exists():
         raise MigrationRefused(f"{guest.name} is being installed; migrate it once it runs")
+    if guest.autodestroy:
+        raise MigrationRefused(
+            f"{guest.name} is autodestroyed with the connection that started it; libvirt "
+            "migrates no such guest"
+        )
     if not guest.persistent:
         raise MigrationRefused(
             f"{guest.name} is transient (it would be destroyed with its connection); "

@@ -28,9 +28,10 @@ S = TypeVar("S", bound=models.TextChoices)
 REQUEST_MOVES: Mapping[Status, frozenset[Status]] = {
     Status.PENDING: frozenset({Status.ADMITTED, Status.FAILED, Status.CANCELLED}),
     Status.ADMITTED: frozenset({Status.PREPARING, Status.FAILED, Status.CANCELLED}),
-    # Persistent-only, transient-only and import requests have no installer run.
+    # Persistent-only and import requests have no installer run; transient-only ones are
+    # never defined either (createXML starts them).
     Status.PREPARING: frozenset(
-        {Status.INSTALLING, Status.DEFINING, Status.FAILED, Status.CANCELLED}
+        {Status.INSTALLING, Status.DEFINING, Status.STARTING, Status.FAILED, Status.CANCELLED}
     ),
     Status.INSTALLING: frozenset({Status.WAITING, Status.FAILED, Status.CANCELLED}),
     Status.WAITING: frozenset({Status.DEFINING, Status.FAILED, Status.CANCELLED}),

@@ -81,6 +81,8 @@ INSTALL_PATH = [
     "running",
 ]
 NO_INSTALL_PATH = ["admitted", "preparing", "defining", "starting", "running"]
+# createXML only: nothing is defined, so the request never says it was.
+TRANSIENT_PATH = ["admitted", "preparing", "starting", "running"]
 
 
 def submit(owner: AbstractBaseUser, template: GuestTemplate, name: str, **kw: Any) -> Any:

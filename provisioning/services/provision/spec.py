@@ -154,7 +154,8 @@ class Plan:
         t, g = self.template, self.guest
         media = domxml.BootMedia()
         boots_kernel = (GuestTemplate.Method.KERNEL, GuestTemplate.Method.CLOUD)
-        if t.media is not None and t.method in boots_kernel:
+        kernel_media = t.method in boots_kernel or t.final_boot == GuestTemplate.FinalBoot.KERNEL
+        if t.media is not None and t.media.kind == "kernel" and kernel_media:
             media = domxml.BootMedia(
                 kernel=t.media.kernel_path, initrd=t.media.initrd_path, cmdline=t.kernel_cmdline
             )

@@ -203,7 +203,11 @@ def _prepare(run: Run) -> None:
             storage.delete_volume(plan.hv, plan.pool.name, data)
     if plan.template.method == GuestTemplate.Method.IMPORT:
         try:
-            storage.clone_volume(plan.hv, plan.pool.name, plan.template.base_volume, plan.volume)
+            # qcow2 whatever the base's format (a raw disk image converts): the guest's
+            # config says qcow2.
+            storage.clone_volume(
+                plan.hv, plan.pool.name, plan.template.base_volume, plan.volume, fmt="qcow2"
+            )
         except AlreadyExists:
             pass
         except NotFound as exc:
@@ -230,7 +234,13 @@ def _prepare(run: Run) -> None:
     if plan.cloud:
         note += "; " + _write_seed(plan)
     _crash_point("preparing:done")
-    run.move(Status.PREPARING, Status.INSTALLING if plan.installs else Status.DEFINING, note)
+    if plan.installs:
+        after = Status.INSTALLING
+    elif plan.transient:
+        after = Status.STARTING  # createXML: nothing is ever defined
+    else:
+        after = Status.DEFINING
+    run.move(Status.PREPARING, after, note)
 
 
 def _write_seed(plan: Plan) -> str:
@@ -362,9 +372,19 @@ def _start(run: Run) -> None:
     # between them would leave the job running forever, as reconcile passes over final requests.
     with transaction.atomic():
         guest_sync_state(host=plan.host, info=info, guest=plan.guest)
-        run.move(Status.STARTING, Status.RUNNING, f"Guest {info.state.value}")
+        run.move(Status.STARTING, Status.RUNNING, _started(plan.transient, info, r.autodestroy))
     if info.active:
         addresses.watch_after_start(plan.guest, plan.host)
+
+
+def _started(transient: bool, info: DomainInfo, autodestroy: bool) -> str:
+    """What the request's last line says: how the guest runs, in libvirt's terms."""
+    if not transient:
+        return f"Guest {info.state.value}"
+    how = "Started paused" if info.state == GuestState.PAUSED else "Started"
+    if not info.active:
+        how = f"Guest {info.state.value}"
+    return f"{how} (transient{', autodestroy' if autodestroy else ''})"
 
 
 def _pass_through(run: Run) -> None:

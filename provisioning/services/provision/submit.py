@@ -158,6 +158,7 @@ def request_submit(
                 data_disk_mib=values["data_disk_mib"],
                 ssh_keys=list(overrides.ssh_keys),
                 cloud_config=cloud_config,
+                autodestroy=values["autodestroy"],
             )
             request = ProvisioningRequest.objects.create(
                 owner=owner,
@@ -232,6 +233,7 @@ def rebuild_submit(
             data_disk_mib=guest.data_disk_mib,
             keep_data_disk=keep_data_disk,
             autostart=guest.autostart,
+            autodestroy=guest.autodestroy,
         )
         Job.objects.filter(pk=job.pk).update(request=request)
         Guest.objects.filter(pk=guest.pk).update(template_version=version)

@@ -31,6 +31,7 @@ from tests.factories import make_guest, make_pool
 from tests.support.engine import (
     INSTALL_PATH,
     NO_INSTALL_PATH,
+    TRANSIENT_PATH,
     Subscriber,
     advance_until,
     domains_named,
@@ -191,7 +192,11 @@ def test_a_transient_guest_runs_without_a_persistent_config(
     wait_status(request, Status.RUNNING)
     info = info_of(request.guest)
     assert info.state == "running" and not info.persistent
-    assert moves(request) == path_of(NO_INSTALL_PATH)
+    assert moves(request) == path_of(TRANSIENT_PATH)
+    # Its history says what happened in libvirt terms: started, never defined.
+    notes = [f"{e.get_to_status_display()} {e.note}" for e in request.events.all()]
+    assert notes[-1] == "Running Started (transient)", notes
+    assert not any("defin" in n.lower() for n in notes), notes
     request.guest.refresh_from_db()
     assert request.guest.state == Guest.State.RUNNING and not request.guest.persistent
 
