@@ -90,6 +90,7 @@ class GuestTemplateAdmin(admin.ModelAdmin):
                     "pool",
                     "base_volume",
                     "kernel_cmdline",
+                    "answer_file",
                     "final_boot",
                     "bootloader_path",
                     "install_timeout_minutes",
@@ -132,10 +133,10 @@ class GuestTemplateAdmin(admin.ModelAdmin):
         install = preview["install"]
         seed = format_html_join(
             "",
-            "<h4>cloud-init {}</h4><pre>{}</pre>",
+            "<h4>{}</h4><pre>{}</pre>",
             (
-                (name, preview[name])
-                for name in ("meta-data", "user-data", "network-config")
+                (name if name == "answer-file" else f"cloud-init {name}", preview[name])
+                for name in ("meta-data", "user-data", "network-config", "answer-file")
                 if name in preview
             ),
         )

@@ -12,7 +12,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator, RegexVa
 from django.db import models
 from django.db.models import F, Q
 
-from provisioning import cloudinit
+from provisioning import answers, cloudinit
 
 NAME_VALIDATOR = RegexValidator(
     r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
@@ -46,6 +46,12 @@ class Host(models.Model):
         max_length=255,
         blank=True,
         help_text="Address other hosts migrate guests to (tcp://ADDRESS); empty: libvirt picks.",
+    )
+    answer_base_url = models.URLField(
+        blank=True,
+        help_text="The portal's address as this host's guests reach it, for answer files "
+        "(e.g. http://192.168.150.1:8000); empty: the VMPORTAL_ANSWER_BASE_URL setting. Its "
+        "host name must be in ALLOWED_HOSTS.",
     )
     display_address = models.GenericIPAddressField(
         default="127.0.0.1",
@@ -210,7 +216,21 @@ class GuestTemplate(models.Model):
         related_name="pinned_templates",
         help_text="Pin guests of this template to one host.",
     )
-    kernel_cmdline = models.CharField(max_length=2048, blank=True)
+    kernel_cmdline = models.CharField(
+        max_length=2048,
+        blank=True,
+        help_text="Kernel command line of the install boot (direct kernel boot). With an "
+        "answer file, {answer_url} in it becomes the file's one-time URL, e.g. "
+        "inst.ks={answer_url}.",
+    )
+    answer_file = models.TextField(
+        blank=True,
+        help_text="An answer file for unattended installs (kickstart, preseed, autoinstall "
+        "user-data, any text) in the Django template language, rendered once per request. "
+        "Context: name, uuid, mac, ssh_keys (a list of authorized_keys lines), vcpus, "
+        "memory_mib, disk_mib, password_hash (SHA-512 crypt of a one-time root password). "
+        "Tags: if, for, with, comment, spaceless, verbatim, filter, firstof, cycle, now.",
+    )
     final_boot = models.CharField(max_length=12, choices=FinalBoot, default=FinalBoot.HD)
     bootloader_path = models.CharField(max_length=255, blank=True, validators=[_absolute_path])
     vcpus_default = models.PositiveIntegerField(default=1, validators=[MinValueValidator(1)])
@@ -388,6 +408,20 @@ class GuestTemplate(models.Model):
                 errors["cloud_config"] = str(exc)
         if self.final_boot == self.FinalBoot.BOOTLOADER and not self.bootloader_path:
             errors["bootloader_path"] = "Give the host bootloader's path."
+        if self.answer_file.strip():
+            try:
+                answers.check(self.answer_file)
+            except answers.AnswerFileError as exc:
+                errors["answer_file"] = str(exc)
+        problem = answers.cmdline_problem(
+            self.kernel_cmdline,
+            answer_file=bool(self.answer_file.strip()),
+            url_length=answer_url_length(self.host),
+        )
+        if problem:
+            errors["kernel_cmdline"] = problem
+        if self.answer_file.strip() and self.lifecycle != self.Lifecycle.INSTALL:
+            errors["answer_file"] = "Answer files are for installs: the lifecycle must install."
         if self.final_boot == self.FinalBoot.KERNEL and (
             self.media is None or self.media.kind != Media.Kind.KERNEL
         ):
@@ -836,3 +870,39 @@ class ConsoleSession(models.Model):
         if self.opened is None or self.closed is None:
             return None
         return (self.closed - self.opened).total_seconds()
+
+
+def answer_base(host: Host | None) -> str:
+    """The portal's address as guests of `host` reach it ("" when none is set)."""
+    base = (host.answer_base_url if host is not None else "") or settings.ANSWER_BASE_URL
+    return str(base).rstrip("/")
+
+
+def answer_url(host: Host | None, token: str) -> str:
+    """Where an installer on `host` fetches the answer file of `token`."""
+    return f"{answer_base(host)}/install/{token}/"
+
+
+def answer_url_length(host: Host | None) -> int:
+    """The length of an answer file's URL for guests of `host` (for command-line limits)."""
+    return len(answer_url(host, "x" * ANSWER_TOKEN_CHARS))
+
+
+ANSWER_TOKEN_CHARS = 43  # secrets.token_urlsafe(32)
+
+
+class AnswerFile(models.Model):
+    """One request's rendered answer file, served once at /install/<token>/ while it installs."""
+
+    request = models.OneToOneField(
+        ProvisioningRequest, on_delete=models.CASCADE, related_name="answer"
+    )
+    token = models.CharField(max_length=64, unique=True)
+    content = models.TextField()
+    created = models.DateTimeField(auto_now_add=True)
+    expires = models.DateTimeField()
+    fetched = models.DateTimeField(null=True, blank=True)
+    fetched_from = models.CharField(max_length=64, blank=True)
+
+    def __str__(self) -> str:
+        return f"answer file of request #{self.request_id}"

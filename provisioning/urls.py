@@ -28,6 +28,7 @@ urlpatterns = [
         views.schedule_delete,
         name="schedule-delete",
     ),
+    path("install/<str:token>/", views.answer_file, name="answer-file"),
     path("profile/keys/", views.ssh_keys, name="ssh-keys"),
     path("profile/keys/<int:pk>/remove", views.ssh_key_remove, name="ssh-key-remove"),
     path("requests/<int:pk>/", views.request_detail, name="request-detail"),

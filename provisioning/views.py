@@ -16,7 +16,16 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from . import health, selectors
 from .forms import NewGuestForm, SshKeyForm
 from .models import ConsoleSession, Guest, GuestTemplate, Host, Job, RebuildSchedule, SshKey
-from .services import actions, consoles, keys, migrate, provision, schedules, transitions
+from .services import (
+    actions,
+    answer_files,
+    consoles,
+    keys,
+    migrate,
+    provision,
+    schedules,
+    transitions,
+)
 
 PAGE_SIZE = 50
 STOP_POLLING = 286  # htmx stops polling on this status
@@ -372,3 +381,17 @@ def console_page(request: HttpRequest, uuid: str, kind: str) -> HttpResponse:
     if kind not in ConsoleSession.Kind.values:
         raise Http404("No such console")
     return render(request, "provisioning/console.html", {"guest": guest, "kind": kind})
+
+
+# --- answer files (fetched by installers, not by people) ---
+
+
+@require_GET
+@never_cache
+def answer_file(request: HttpRequest, token: str) -> HttpResponse:
+    """A request's answer file, once, while its installer runs: 404 or 410 otherwise."""
+    try:
+        content = answer_files.answer_fetch(token=token, client=request.META.get("REMOTE_ADDR", ""))
+    except answer_files.AnswerGone as gone:
+        return HttpResponse(f"{gone.reason}\n", status=gone.status, content_type="text/plain")
+    return HttpResponse(content, content_type="text/plain; charset=utf-8")

@@ -6,6 +6,7 @@ import secrets
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
@@ -167,6 +168,12 @@ CONSOLE_TOKEN_SECONDS = env.int("VMPORTAL_CONSOLE_TOKEN_SECONDS", default=30)
 CONSOLE_IDLE_SECONDS = env.int("VMPORTAL_CONSOLE_IDLE_SECONDS", default=30 * 60)
 # How much of the serial log a terminal starts with, as scrollback.
 CONSOLE_SCROLLBACK_BYTES = 64 * 1024
+# Answer files: the portal's address as guests reach it (a host's own overrides it), and how
+# long after a request is made its answer file can be fetched at most.
+ANSWER_BASE_URL = env.str("VMPORTAL_ANSWER_BASE_URL", default="")
+if ANSWER_BASE_URL and (_answer_host := urlsplit(ANSWER_BASE_URL).hostname):
+    # Installers fetch with that address as their Host header.
+    ALLOWED_HOSTS = [*ALLOWED_HOSTS, _answer_host]
 SAVE_DIR = Path(env.str("VMPORTAL_SAVE_DIR", default="/var/lib/libvirt/qemu/save"))
 DEMO_DIR = Path(env.str("VMPORTAL_DEMO_DIR", default=str(VAR_DIR / "demo")))
 

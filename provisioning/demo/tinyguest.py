@@ -54,6 +54,10 @@ TEST_DEBIAN_PACKAGES: tuple[str, ...] = ("qemu-system-x86", "qemu-utils", "ipxe-
 
 DISK_MIN_MIB = 64
 MARKER_OFFSET_MIB = 48
+# Where the installer keeps the answer file it fetched (vmportal.answer_url=), for the runtime
+# to print between VMPORTAL-ANSWER-BEGIN and -END: 1 MiB after the marker, at most 1 MiB.
+ANSWER_OFFSET_MIB = 49
+ANSWER_MAX_BYTES = 1024 * 1024
 # The installer unpacks the boot image into RAM; measured: 128 MiB works, 96 MiB panics (OOM).
 MEMORY_MIN_MIB = 128
 
@@ -97,14 +101,18 @@ dmesg -n 4
 DISK=/dev/vda
 DATA=/dev/vdb
 MARKER_SECTOR=@MARKER_SECTOR@
+ANSWER_SECTOR=@ANSWER_SECTOR@
+ANSWER_MAX=@ANSWER_MAX@
 DISK_MIN_BYTES=@DISK_MIN_BYTES@
 
 install=0
 marker=installed
+answer_url=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         vmportal.install=1) install=1 ;;
         vmportal.marker=*) marker="${arg#vmportal.marker=}" ;;
+        vmportal.answer_url=*) answer_url="${arg#vmportal.answer_url=}" ;;
     esac
 done
 
@@ -163,6 +171,52 @@ data_token() {
     esac
 }
 
+network_up() {
+    # DHCP on the first network interface that gets a lease (virtio_net is loaded).
+    cat >/tmp/udhcpc.script <<'SCRIPT'
+#!/bin/sh
+case "$1" in
+    bound|renew) ip addr add "$ip/${mask:-24}" dev "$interface" ;;
+esac
+SCRIPT
+    chmod 755 /tmp/udhcpc.script
+    ip link set lo up
+    for dev in /sys/class/net/*; do
+        name=${dev##*/}
+        [ "$name" = lo ] && continue
+        ip link set "$name" up
+        udhcpc -i "$name" -s /tmp/udhcpc.script -q -n -t 20 -T 1 >/dev/null 2>&1 && return 0
+    done
+    return 1
+}
+
+fetch_answer() {
+    # The answer file the portal rendered for this guest, kept on the disk for the runtime.
+    network_up || install_fail no-network
+    wget -q -O /tmp/answer "$answer_url" || install_fail answer-fetch
+    size=$(wc -c </tmp/answer)
+    [ "$size" -le "$ANSWER_MAX" ] || install_fail answer-too-big
+    { printf 'VMPORTAL-ANSWER %s\n' "$size"; cat /tmp/answer; } >/tmp/answer.disk
+    dd if=/tmp/answer.disk of="$DISK" bs=512 seek="$ANSWER_SECTOR" conv=notrunc,fsync \
+        2>/dev/null || install_fail write-answer
+    echo "VMPORTAL-ANSWER-FETCHED $size"
+}
+
+print_answer() {
+    # Between BEGIN and END lines, the answer file the installer fetched (if it fetched one).
+    head=$(dd if="$DISK" bs=512 skip="$ANSWER_SECTOR" count=1 2>/dev/null | head -n 1)
+    case "$head" in
+        "VMPORTAL-ANSWER "*) ;;
+        *) return 0 ;;
+    esac
+    size=${head#VMPORTAL-ANSWER }
+    echo "VMPORTAL-ANSWER-BEGIN"
+    dd if="$DISK" bs=512 skip="$ANSWER_SECTOR" count=$((ANSWER_MAX / 512 + 1)) 2>/dev/null \
+        | tail -c +$((${#head} + 2)) | head -c "$size"
+    echo
+    echo "VMPORTAL-ANSWER-END"
+}
+
 stay_up() {
     # PID 1 must never exit; a failed install waits here for the host's deadline.
     while :; do sleep 3600; done
@@ -179,6 +233,7 @@ do_install() {
     size=$(blockdev --getsize64 "$DISK")
     [ "$size" -ge "$DISK_MIN_BYTES" ] || install_fail disk-too-small
     dd if=/boot.img of="$DISK" bs=1M conv=fsync 2>/dev/null || install_fail write-image
+    [ -n "$answer_url" ] && fetch_answer
     { printf 'VMPORTAL-MARKER %s\n' "$marker"; head -c 512 /dev/zero; } | head -c 512 >/tmp/marker
     dd if=/tmp/marker of="$DISK" bs=512 seek="$MARKER_SECTOR" count=1 conv=notrunc,fsync \
         2>/dev/null || install_fail write-marker
@@ -230,6 +285,7 @@ do_runtime() {
         esac
     fi
     echo "VMPORTAL-DISK: $token"
+    print_answer
     if [ -b "$DATA" ]; then
         data=$(data_token)
         echo "VMPORTAL-DATA: ${data:-none}"
@@ -634,6 +690,8 @@ def _runtime_initramfs(modules: Iterable[tuple[str, bytes]]) -> bytes:
         )
     init = _INIT_SCRIPT.replace("@MARKER_SECTOR@", str(MARKER_OFFSET_MIB * 1024 * 1024 // _SECTOR))
     init = init.replace("@DISK_MIN_BYTES@", str(DISK_MIN_MIB * 1024 * 1024))
+    init = init.replace("@ANSWER_SECTOR@", str(ANSWER_OFFSET_MIB * 1024 * 1024 // _SECTOR))
+    init = init.replace("@ANSWER_MAX@", str(ANSWER_MAX_BYTES))
     archive = _Cpio()
     for folder in ("bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"):
         archive.add_dir(folder)

@@ -27,6 +27,7 @@ __all__ = [
     "get_pool",
     "get_volume",
     "list_volumes",
+    "refresh_pool",
     "remove_pool",
     "upload_bytes",
     "upload_file",
@@ -137,6 +138,11 @@ def ensure_dir_pool(hv: Hypervisor, name: str, path: str) -> PoolInfo:
         return _pool_info(pool)
 
     return hv.call(run)
+
+
+def refresh_pool(hv: Hypervisor, name: str) -> None:
+    """Have libvirt look at the pool's storage again (files another daemon put in its folder)."""
+    hv.call(lambda conn: conn.storagePoolLookupByName(name).refresh(0))
 
 
 def remove_pool(hv: Hypervisor, name: str, *, delete_volumes: bool = False) -> None:

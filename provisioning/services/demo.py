@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import shutil
 from collections.abc import Callable
@@ -108,16 +109,22 @@ def demo_disk(*, host: Host, log: Callable[[str], None] = print) -> str:
     name = f"tiny-disk-{tinyguest.recipe_hash()[:12]}.img"
     hv = get_hypervisor(host.uri)
     storage.ensure_dir_pool(hv, DEMO_POOL_NAME, str(DEMO_POOL_PATH))
-    try:
-        present = storage.get_volume(hv, DEMO_POOL_NAME, name)
-    except NotFound:
-        present = None
-    if present is not None and present.capacity != guest.boot_image.stat().st_size:
-        storage.delete_volume(hv, DEMO_POOL_NAME, name)  # a half-made upload
-        present = None
-    if present is None:
-        log(f"demo: uploading the tiny guest's disk as {name}")
-        storage.upload_file(hv, DEMO_POOL_NAME, name, guest.boot_image)
+    # The pool's folder is one for every libvirtd on this machine: one upload at a time, and
+    # each daemon looks at the folder again before it decides one is needed.
+    settings.DEMO_DIR.mkdir(parents=True, exist_ok=True)
+    with (settings.DEMO_DIR / ".tiny-disk.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        storage.refresh_pool(hv, DEMO_POOL_NAME)
+        try:
+            present = storage.get_volume(hv, DEMO_POOL_NAME, name)
+        except NotFound:
+            present = None
+        if present is not None and present.capacity != guest.boot_image.stat().st_size:
+            storage.delete_volume(hv, DEMO_POOL_NAME, name)  # a half-made upload
+            present = None
+        if present is None:
+            log(f"demo: uploading the tiny guest's disk as {name}")
+            storage.upload_file(hv, DEMO_POOL_NAME, name, guest.boot_image)
     return name
 
 

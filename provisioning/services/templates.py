@@ -7,7 +7,7 @@ import uuid as uuidlib
 from django.db import transaction
 from django.db.models import F
 
-from provisioning import cloudinit
+from provisioning import answers, cloudinit
 from provisioning.hypervisor import domxml, operations, storage
 from provisioning.hypervisor.connection import get_hypervisor
 from provisioning.hypervisor.errors import HypervisorError, NotFound
@@ -35,6 +35,7 @@ SNAPSHOT_FIELDS = (
     "base_volume",
     "host_id",
     "kernel_cmdline",
+    "answer_file",
     "final_boot",
     "bootloader_path",
     "install_timeout_minutes",
@@ -98,6 +99,11 @@ def template_preview(template: GuestTemplate) -> dict[str, str]:
     for name in ("meta-data", "user-data", "network-config"):
         if name in seed:
             preview[name] = seed[name].decode()
+    if template.answer_file.strip():
+        try:
+            preview["answer-file"] = answers.render(template.answer_file, answers.sample_context())
+        except answers.AnswerFileError as exc:
+            preview["answer-file"] = f"(does not render: {exc})"
     return preview
 
 

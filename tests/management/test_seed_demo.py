@@ -19,9 +19,15 @@ from provisioning.hypervisor.connection import get_hypervisor
 from provisioning.hypervisor.errors import HypervisorError
 from provisioning.models import GuestTemplate, Host, Media, StoragePool
 from provisioning.services.demo import (
+    CDROM_TEMPLATE_NAME,
     DEMO_NETWORK_NAME,
     DEMO_POOL_NAME,
     DEMO_TEMPLATE_NAME,
+    IMPORT_TEMPLATE_NAME,
+    PERSISTENT_TEMPLATE_NAME,
+    PXE_NETWORK_NAME,
+    PXE_TEMPLATE_NAME,
+    TRANSIENT_TEMPLATE_NAME,
     demo_network,
 )
 from tests.factories import make_host
@@ -88,5 +94,46 @@ def test_the_demo_network_is_made_once_with_nat_and_dhcp_and_never_over_another(
                     if net.isActive():
                         net.destroy()
                     net.undefine()
+
+        hv.call(drop, idempotent=False)
+
+
+def test_methods_registers_a_template_for_every_mode_and_an_isolated_pxe_network(
+    netns_host: NetnsHost, settings, capsys
+) -> None:
+    # make run's seed_demo --methods, on the namespaced libvirtd (its PXE network's DHCP and
+    # TFTP exist only in there).
+    settings.LIBVIRT_URI = netns_host.uri
+    settings.VMPORTAL_DOMAIN_TYPE = "qemu"
+    hv = get_hypervisor(netns_host.uri)
+    try:
+        call_command("seed_demo", "--methods")
+        call_command("seed_demo", "--methods")
+        names = set(GuestTemplate.objects.values_list("name", flat=True))
+        assert names == {
+            DEMO_TEMPLATE_NAME,
+            CDROM_TEMPLATE_NAME,
+            PXE_TEMPLATE_NAME,
+            TRANSIENT_TEMPLATE_NAME,
+            PERSISTENT_TEMPLATE_NAME,
+            IMPORT_TEMPLATE_NAME,
+        }
+        methods = dict(GuestTemplate.objects.values_list("name", "method"))
+        assert methods[CDROM_TEMPLATE_NAME] == "cdrom" and methods[PXE_TEMPLATE_NAME] == "pxe"
+        imported = GuestTemplate.objects.get(name=IMPORT_TEMPLATE_NAME)
+        assert storage.get_volume(hv, DEMO_POOL_NAME, imported.base_volume).capacity > 0
+        xml = hv.call(lambda conn: conn.networkLookupByName(PXE_NETWORK_NAME).XMLDesc(0))
+        root = etree.fromstring(xml.encode())
+        assert root.find("forward") is None, "isolated: no forwarding"
+        assert Path(root.find("ip/tftp").get("root"), "pxelinux.0").is_file()
+        assert root.find("ip/dhcp/bootp").get("file") == "pxelinux.0"
+        assert capsys.readouterr().out.count("present on local") >= 6
+    finally:
+
+        def drop(conn) -> None:  # type: ignore[no-untyped-def]
+            net = conn.networkLookupByName(PXE_NETWORK_NAME)
+            if net.isActive():
+                net.destroy()
+            net.undefine()
 
         hv.call(drop, idempotent=False)

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.db.models import OuterRef, Subquery
 
-from provisioning import cloudinit
+from provisioning import answers, cloudinit
 from provisioning.hypervisor import domxml
 from provisioning.hypervisor.connection import Hypervisor, get_hypervisor
 from provisioning.models import (
+    AnswerFile,
     Guest,
     GuestTemplate,
     Host,
@@ -18,6 +19,7 @@ from provisioning.models import (
     ProvisioningRequest,
     StoragePool,
     TemplateVersion,
+    answer_url,
 )
 from provisioning.services.consoles import console_log_path
 from provisioning.services.hosts import host_domain_type
@@ -149,6 +151,20 @@ class Plan:
         """libvirt accepted this phase's XML with the schema check."""
         _VALIDATED.add(_shape(self, phase))
 
+    def cmdline(self) -> str:
+        """The template's kernel command line, {answer_url} made the request's answer URL."""
+        line = self.template.kernel_cmdline
+        if answers.PLACEHOLDER not in line:
+            return line
+        if self.request.pk is None:  # the admin's preview
+            token = "(one-time-token)"
+        else:
+            found = AnswerFile.objects.filter(request=self.request).values_list("token", flat=True)
+            token = found.first() or ""
+            if not token:
+                raise StepFailed("the request has no answer file, but its command line names one")
+        return line.replace(answers.PLACEHOLDER, answer_url(self.host, token))
+
     def spec(self) -> domxml.GuestSpec:
         """The guest as the hypervisor layer builds its XML (SpecError when it cannot be)."""
         t, g = self.template, self.guest
@@ -157,7 +173,7 @@ class Plan:
         kernel_media = t.method in boots_kernel or t.final_boot == GuestTemplate.FinalBoot.KERNEL
         if t.media is not None and t.media.kind == "kernel" and kernel_media:
             media = domxml.BootMedia(
-                kernel=t.media.kernel_path, initrd=t.media.initrd_path, cmdline=t.kernel_cmdline
+                kernel=t.media.kernel_path, initrd=t.media.initrd_path, cmdline=self.cmdline()
             )
         elif t.media is not None and t.method == GuestTemplate.Method.CDROM:
             iso: domxml.VolumeRef | str = (

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.db.models import Q
+from django.utils import timezone
 
-from provisioning import cloudinit, queue
+from provisioning import answers, cloudinit, queue
 from provisioning.hypervisor import domxml
 from provisioning.models import (
     NAME_VALIDATOR,
+    AnswerFile,
     Guest,
     GuestTemplate,
     Host,
     Job,
     ProvisioningRequest,
     TemplateVersion,
+    answer_base,
+    answer_url_length,
 )
 from provisioning.services import placement, transitions
 from provisioning.services.hosts import host_ensure_local
@@ -178,10 +184,56 @@ def request_submit(
                 progress=0,
                 new_guest=True,
             )
+            if template.answer_file.strip():
+                answer_file_make(request=request, guest=guest, template=template)
             queue.send_on_commit(queue.ADVANCE_REQUEST, request.pk, queue=host.queue)
     except IntegrityError as exc:
         raise taken from exc
     return request
+
+
+def answer_file_make(
+    *, request: ProvisioningRequest, guest: Guest, template: GuestTemplate
+) -> AnswerFile:
+    """Render the template's answer file for this request, once, behind a one-time token.
+
+    SubmitError (in the caller's transaction, so nothing stays) when the portal has no address
+    for the host's guests, or the file does not render or is too big.
+    """
+    if not answer_base(request.host):
+        raise SubmitError(
+            {
+                "template": f"{template.name} installs from an answer file, but the portal's "
+                "address as guests reach it is not set (VMPORTAL_ANSWER_BASE_URL, or the "
+                "host's answer address)"
+            }
+        )
+    context = answers.context_for(
+        name=guest.name,
+        uuid=str(guest.uuid),
+        mac=guest.mac,
+        ssh_keys=guest.ssh_keys,
+        vcpus=guest.vcpus,
+        memory_mib=guest.memory_mib,
+        disk_mib=guest.disk_mib,
+        password_hash=answers.password_hash(answers.one_time_password()),
+    )
+    try:
+        content = answers.render(template.answer_file, context)
+    except answers.AnswerFileError as exc:
+        raise SubmitError({"template": f"the answer file of {template.name}: {exc}"}) from exc
+    url_problem = answers.cmdline_problem(
+        template.kernel_cmdline, answer_file=True, url_length=answer_url_length(request.host)
+    )
+    if url_problem:
+        raise SubmitError({"template": f"{template.name}: {url_problem}"})
+    minutes = template.install_timeout_minutes + 10
+    return AnswerFile.objects.create(
+        request=request,
+        token=secrets.token_urlsafe(32),
+        content=content,
+        expires=timezone.now() + timedelta(minutes=minutes),
+    )
 
 
 def rebuild_submit(
@@ -237,5 +289,7 @@ def rebuild_submit(
         )
         Job.objects.filter(pk=job.pk).update(request=request)
         Guest.objects.filter(pk=guest.pk).update(template_version=version)
+        if template.answer_file.strip():
+            answer_file_make(request=request, guest=guest, template=template)
         queue.send_on_commit(queue.ADVANCE_REQUEST, request.pk, queue=guest.host.queue)
     return request
