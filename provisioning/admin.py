@@ -91,6 +91,7 @@ class GuestTemplateAdmin(admin.ModelAdmin):
                     "base_volume",
                     "kernel_cmdline",
                     "answer_file",
+                    "answer_delivery",
                     "final_boot",
                     "bootloader_path",
                     "install_timeout_minutes",

@@ -8,11 +8,13 @@ gives the file for one guest. The install's kernel command line names it with ``
 
 from __future__ import annotations
 
+import io
 import secrets
 import warnings
 from collections.abc import Iterable
 from typing import Any
 
+import pycdlib
 from django.template import Context, Engine, TemplateSyntaxError
 from django.template.base import Lexer, TokenType
 
@@ -23,6 +25,10 @@ with warnings.catch_warnings():
     import crypt
 
 PLACEHOLDER = "{answer_url}"
+# The label installers look for when no answer-file URL is given (Anaconda's OEMDRV), and the
+# file's name on it (what Anaconda reads there).
+OEMDRV_LABEL = "OEMDRV"
+OEMDRV_FILE = "ks.cfg"
 MAX_BYTES = 1024 * 1024
 # The kernel's command line limit on x86 (COMMAND_LINE_SIZE), the terminating NUL included.
 CMDLINE_MAX = 2048
@@ -137,12 +143,39 @@ def render(source: str, context: dict[str, Any]) -> str:
     return text
 
 
-def cmdline_problem(cmdline: str, *, answer_file: bool, url_length: int) -> str | None:
-    """Why a kernel command line does not fit the template's answer file, or None."""
+def oemdrv_iso(content: str) -> bytes:
+    """A small ISO 9660 image labelled OEMDRV holding the answer file as ks.cfg."""
+    data = content.encode()
+    iso = pycdlib.PyCdlib()
+    iso.new(vol_ident=OEMDRV_LABEL, joliet=3, rock_ridge="1.09")
+    try:
+        iso.add_fp(
+            io.BytesIO(data),
+            len(data),
+            iso_path="/KS.CFG;1",
+            rr_name=OEMDRV_FILE,
+            joliet_path=f"/{OEMDRV_FILE}",
+        )
+        out = io.BytesIO()
+        iso.write_fp(out)
+    finally:
+        iso.close()
+    return out.getvalue()
+
+
+def cmdline_problem(
+    cmdline: str, *, answer_file: bool, url_length: int, by_url: bool = True
+) -> str | None:
+    """Why a kernel command line does not fit the template's answer file, or None.
+
+    by_url: the file is fetched from the portal (its URL goes in the command line), not put on
+    an OEMDRV CD-ROM (nothing to name there)."""
     has = PLACEHOLDER in cmdline
     if has and not answer_file:
         return f"the command line names {PLACEHOLDER} but the template has no answer file"
-    if answer_file and not has:
+    if has and not by_url:
+        return f"the answer file goes on an OEMDRV CD-ROM: take {PLACEHOLDER} out"
+    if answer_file and by_url and not has:
         return f"the template has an answer file: put {PLACEHOLDER} in the command line"
     length = len(cmdline.replace(PLACEHOLDER, "x" * url_length).encode()) if has else len(cmdline)
     if length >= CMDLINE_MAX:

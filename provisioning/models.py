@@ -177,6 +177,10 @@ class GuestTemplate(models.Model):
         PERSISTENT = "persistent", "Persistent only (define + start)"
         TRANSIENT = "transient", "Transient only (createXML)"
 
+    class AnswerDelivery(models.TextChoices):
+        URL = "url", "Fetched from the portal ({answer_url} in the command line)"
+        OEMDRV = "oemdrv", "On a CD-ROM labelled OEMDRV, for the install only"
+
     class FinalBoot(models.TextChoices):
         HD = "hd", "BIOS, boot from disk"
         BOOTLOADER = "bootloader", "Host bootloader"
@@ -222,6 +226,14 @@ class GuestTemplate(models.Model):
         help_text="Kernel command line of the install boot (direct kernel boot). With an "
         "answer file, {answer_url} in it becomes the file's one-time URL, e.g. "
         "inst.ks={answer_url}.",
+    )
+    answer_delivery = models.CharField(
+        max_length=8,
+        choices=AnswerDelivery,
+        default=AnswerDelivery.URL,
+        help_text="How the installer gets its answer file: from an unguessable one-time URL, "
+        "or on a small per-guest CD-ROM labelled OEMDRV (where guests cannot reach the "
+        "portal).",
     )
     answer_file = models.TextField(
         blank=True,
@@ -417,6 +429,7 @@ class GuestTemplate(models.Model):
             self.kernel_cmdline,
             answer_file=bool(self.answer_file.strip()),
             url_length=answer_url_length(self.host),
+            by_url=self.answer_delivery == self.AnswerDelivery.URL,
         )
         if problem:
             errors["kernel_cmdline"] = problem

@@ -126,3 +126,41 @@ def test_a_template_with_an_answer_file_and_its_placeholder_is_fine() -> None:
     template.kernel_cmdline = "console=ttyS0 vmportal.install=1 inst.ks={answer_url}"
     template.full_clean()
     assert template.lifecycle == GuestTemplate.Lifecycle.INSTALL
+
+
+def test_the_oemdrv_image_is_labelled_oemdrv_and_holds_ks_cfg() -> None:
+    from provisioning import cloudinit
+
+    files = cloudinit.read_seed_iso(answers.oemdrv_iso("text=1\n"))
+    assert files[""] == b"OEMDRV" and files["ks.cfg"] == b"text=1\n"
+
+
+@pytest.mark.django_db
+def test_an_oemdrv_template_takes_no_placeholder_and_needs_none() -> None:
+    template = make_template(host=make_host())
+    template.answer_file = "x"
+    template.answer_delivery = GuestTemplate.AnswerDelivery.OEMDRV
+    template.kernel_cmdline = "console=ttyS0 vmportal.install=1"
+    template.full_clean()
+    template.kernel_cmdline = "console=ttyS0 inst.ks={answer_url}"
+    with pytest.raises(ValidationError) as problems:
+        template.full_clean()
+    assert "OEMDRV CD-ROM: take {answer_url} out" in str(problems.value)
+
+
+def test_the_oemdrv_cd_rom_is_in_the_install_phase_only() -> None:
+    from provisioning.hypervisor import domxml
+
+    spec = domxml.GuestSpec(
+        name="g1",
+        uuid="00000000-0000-4000-8000-00000000000a",
+        memory_mib=256,
+        vcpus=1,
+        method="kernel",
+        domain_type="qemu",
+        disks=(domxml.DiskSpec(domxml.VolumeRef("p", "g1.qcow2")),),
+        media=domxml.BootMedia(kernel="/boot/k", initrd="/boot/i", cmdline="console=ttyS0"),
+        answer_disk=domxml.VolumeRef("p", "g1-oemdrv.iso"),
+    )
+    assert "g1-oemdrv.iso" in domxml.install_xml(spec)
+    assert "g1-oemdrv.iso" not in domxml.final_xml(spec)

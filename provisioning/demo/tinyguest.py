@@ -74,7 +74,9 @@ REQUIRED_MODULES: tuple[str, ...] = (
     "button",
     "evdev",
 )
-OPTIONAL_MODULES: tuple[str, ...] = ("virtio_net",)
+# virtio_net for answer files fetched over the network; the IDE CD-ROM and ISO 9660 for answer
+# files on an OEMDRV CD-ROM.
+OPTIONAL_MODULES: tuple[str, ...] = ("virtio_net", "ata_piix", "sr_mod", "isofs")
 
 MARKER_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Printed by the guest when the disk carries no marker, so it cannot be a marker itself.
@@ -108,11 +110,13 @@ DISK_MIN_BYTES=@DISK_MIN_BYTES@
 install=0
 marker=installed
 answer_url=""
+answer_oemdrv=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         vmportal.install=1) install=1 ;;
         vmportal.marker=*) marker="${arg#vmportal.marker=}" ;;
         vmportal.answer_url=*) answer_url="${arg#vmportal.answer_url=}" ;;
+        vmportal.answer=oemdrv) answer_oemdrv=1 ;;
     esac
 done
 
@@ -190,16 +194,44 @@ SCRIPT
     return 1
 }
 
-fetch_answer() {
-    # The answer file the portal rendered for this guest, kept on the disk for the runtime.
-    network_up || install_fail no-network
-    wget -q -O /tmp/answer "$answer_url" || install_fail answer-fetch
+keep_answer() {
+    # The answer file in /tmp/answer, kept on the disk for the runtime to print.
     size=$(wc -c </tmp/answer)
     [ "$size" -le "$ANSWER_MAX" ] || install_fail answer-too-big
     { printf 'VMPORTAL-ANSWER %s\n' "$size"; cat /tmp/answer; } >/tmp/answer.disk
     dd if=/tmp/answer.disk of="$DISK" bs=512 seek="$ANSWER_SECTOR" conv=notrunc,fsync \
         2>/dev/null || install_fail write-answer
-    echo "VMPORTAL-ANSWER-FETCHED $size"
+    echo "VMPORTAL-ANSWER-$1 $size"
+}
+
+fetch_answer() {
+    # The answer file the portal rendered for this guest, from its one-time URL.
+    network_up || install_fail no-network
+    wget -q -O /tmp/answer "$answer_url" || install_fail answer-fetch
+    keep_answer FETCHED
+}
+
+read_oemdrv() {
+    # The answer file on the CD-ROM labelled OEMDRV (ks.cfg on it), as Anaconda reads it.
+    mkdir -p /mnt
+    i=0
+    while :; do
+        for cd in /dev/sr*; do
+            [ -b "$cd" ] || continue
+            if mount -t iso9660 -o ro "$cd" /mnt 2>/dev/null; then
+                if [ -f /mnt/ks.cfg ]; then
+                    cp /mnt/ks.cfg /tmp/answer
+                    umount /mnt
+                    keep_answer OEMDRV
+                    return 0
+                fi
+                umount /mnt
+            fi
+        done
+        i=$((i + 1))
+        [ "$i" -gt 100 ] && install_fail no-oemdrv
+        sleep 0.1
+    done
 }
 
 print_answer() {
@@ -233,7 +265,11 @@ do_install() {
     size=$(blockdev --getsize64 "$DISK")
     [ "$size" -ge "$DISK_MIN_BYTES" ] || install_fail disk-too-small
     dd if=/boot.img of="$DISK" bs=1M conv=fsync 2>/dev/null || install_fail write-image
-    [ -n "$answer_url" ] && fetch_answer
+    if [ -n "$answer_url" ]; then
+        fetch_answer
+    elif [ "$answer_oemdrv" = 1 ]; then
+        read_oemdrv
+    fi
     { printf 'VMPORTAL-MARKER %s\n' "$marker"; head -c 512 /dev/zero; } | head -c 512 >/tmp/marker
     dd if=/tmp/marker of="$DISK" bs=512 seek="$MARKER_SECTOR" count=1 conv=notrunc,fsync \
         2>/dev/null || install_fail write-marker

@@ -168,6 +168,8 @@ class GuestSpec:
     seed: VolumeRef | None = None
     # The QEMU guest agent's virtio channel (org.qemu.guest_agent.0).
     agent: bool = False
+    # An answer file on a CD-ROM labelled OEMDRV, attached for the install phase only.
+    answer_disk: VolumeRef | None = None
 
 
 # --------------------------------------------------------------------------- validation
@@ -311,6 +313,8 @@ def _validate(spec: GuestSpec) -> None:
         raise SpecError("agent: must be a bool")
     if spec.seed is not None:
         _check_volume(spec.seed, "seed")
+    if spec.answer_disk is not None:
+        _check_volume(spec.answer_disk, "answer_disk")
 
     targets: set[str] = set()
     for index, disk in enumerate(spec.disks):
@@ -501,9 +505,11 @@ def _cdrom_bus(spec: GuestSpec) -> str:
     return "sata"
 
 
-def _cdrom_target(spec: GuestSpec, bus: str) -> str:
+def _cdrom_target(spec: GuestSpec, bus: str, devices: etree._Element | None = None) -> str:
     prefix = "hd" if bus == "ide" else "sd"
     used = {disk.target for disk in spec.disks}
+    if devices is not None:  # CD-ROMs added already
+        used |= {str(t.get("dev")) for t in devices.iterfind("disk/target")}
     # hdc is the traditional secondary-master CD slot; fall back to any free letter.
     for letter in "cdefghijklmnopqrstuvwxyzab":
         candidate = prefix + letter
@@ -535,11 +541,13 @@ def _add_cdrom(devices: etree._Element, spec: GuestSpec) -> None:
 
 
 def _add_seed(devices: etree._Element, spec: GuestSpec, seed: VolumeRef) -> None:
+    """A read-only CD-ROM from a pool volume (a cloud-init seed, an OEMDRV answer file)."""
     bus = _cdrom_bus(spec)
+    target = _cdrom_target(spec, bus, devices)
     element = _sub(devices, "disk", type="volume", device="cdrom")
     _sub(element, "driver", name="qemu", type="raw")
     _sub(element, "source", pool=seed.pool, volume=seed.volume)
-    _sub(element, "target", dev=_cdrom_target(spec, bus), bus=bus)
+    _sub(element, "target", dev=target, bus=bus)
     _sub(element, "readonly")
 
 
@@ -638,6 +646,8 @@ def build_xml(spec: GuestSpec, phase: Phase) -> str:
         _add_cdrom(devices, spec)
     if spec.seed is not None:
         _add_seed(devices, spec, spec.seed)
+    if installing and spec.answer_disk is not None:
+        _add_seed(devices, spec, spec.answer_disk)
     for nic in spec.nics:
         _add_nic(devices, nic)
     serial = _sub(devices, "serial", type="pty")

@@ -36,6 +36,7 @@ SNAPSHOT_FIELDS = (
     "host_id",
     "kernel_cmdline",
     "answer_file",
+    "answer_delivery",
     "final_boot",
     "bootloader_path",
     "install_timeout_minutes",

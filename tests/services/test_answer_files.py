@@ -109,3 +109,17 @@ def test_a_file_that_renders_over_one_mib_refuses_the_request(template: GuestTem
         ask(template)
     assert "at most 1048576" in refused.value.errors["template"]
     assert not AnswerFile.objects.exists() and not Guest.objects.exists()
+
+
+def test_an_oemdrv_template_needs_no_address_for_guests(template: GuestTemplate, settings) -> None:
+    settings.ANSWER_BASE_URL = ""
+    template.answer_delivery = GuestTemplate.AnswerDelivery.OEMDRV
+    template.kernel_cmdline = "console=ttyS0 vmportal.install=1 vmportal.answer=oemdrv"
+    template.save()
+    request = ask(template, "ans5")
+    assert request.answer.content.startswith("hostname=ans5")
+    from provisioning.services.provision.spec import load_request, plan_of
+
+    plan = plan_of(load_request(request.pk))
+    assert plan.answer_volume == f"ans5-{request.guest.uuid.hex[:8]}-oemdrv.iso"
+    assert plan.answer_volume in plan.volumes

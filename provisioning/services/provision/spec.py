@@ -82,9 +82,26 @@ class Plan:
         return seed_volume(self.guest) if self.cloud else None
 
     @property
+    def answer_volume(self) -> str | None:
+        """The OEMDRV CD-ROM with the answer file, for installs that take it that way."""
+        t = self.template
+        if t.answer_file.strip() and t.answer_delivery == GuestTemplate.AnswerDelivery.OEMDRV:
+            return f"{self.guest.name}-{self.guest.uuid.hex[:8]}-oemdrv.iso"
+        return None
+
+    def answer_iso(self) -> bytes:
+        """The OEMDRV image of this request's rendered answer file."""
+        content = AnswerFile.objects.filter(request=self.request).values_list("content", flat=True)
+        found = content.first()
+        if found is None:
+            raise StepFailed("the request has no answer file, but its template delivers one")
+        return answers.oemdrv_iso(found)
+
+    @property
     def volumes(self) -> list[str]:
-        """Every volume the guest has: system disk, data disk, seed."""
-        return [v for v in (self.volume, self.data_volume, self.seed_volume) if v]
+        """Every volume the guest has: system disk, data disk, seed, answer-file CD-ROM."""
+        made = (self.volume, self.data_volume, self.seed_volume, self.answer_volume)
+        return [v for v in made if v]
 
     @property
     def installs(self) -> bool:
@@ -204,6 +221,9 @@ class Plan:
             final_boot=t.final_boot,  # type: ignore[arg-type]
             bootloader=t.bootloader_path or None,
             seed=domxml.VolumeRef(self.pool.name, self.seed_volume) if self.seed_volume else None,
+            answer_disk=(
+                domxml.VolumeRef(self.pool.name, self.answer_volume) if self.answer_volume else None
+            ),
             agent=True,
             vnc_listen=self.host.display_address,
             serial_log=str(console_log_path(g.uuid)),

@@ -233,6 +233,8 @@ def _prepare(run: Run) -> None:
         note += f"; data disk {data} {what} ({plan.guest.data_disk_mib} MiB)"
     if plan.cloud:
         note += "; " + _write_seed(plan)
+    if plan.answer_volume:
+        note += "; " + _write_answer_disk(plan)
     _crash_point("preparing:done")
     if plan.installs:
         after = Status.INSTALLING
@@ -258,6 +260,19 @@ def _write_seed(plan: Plan) -> str:
             f"(instance {plan.instance_id})"
         )
     return f"cloud-init seed {plan.seed_volume} ready (instance {plan.instance_id})"
+
+
+def _write_answer_disk(plan: Plan) -> str:
+    """Make the OEMDRV CD-ROM with the request's answer file anew; a log line."""
+    assert plan.answer_volume is not None
+    image = plan.answer_iso()
+    storage.delete_volume(plan.hv, plan.pool.name, plan.answer_volume)
+    try:
+        storage.upload_bytes(plan.hv, plan.pool.name, plan.answer_volume, image)
+    except Unsupported:
+        storage.create_volume(plan.hv, plan.pool.name, plan.answer_volume, len(image), "raw")
+        return f"answer file CD-ROM {plan.answer_volume} made empty, as this host takes no uploads"
+    return f"answer file on the OEMDRV CD-ROM {plan.answer_volume} for the install"
 
 
 def _define_final(plan: Plan, spec: domxml.GuestSpec) -> None:
@@ -328,6 +343,9 @@ def _define(run: Run) -> None:
     plan = run.plan
     if not plan.transient:
         _define_final(plan, plan.spec())
+    if plan.answer_volume:
+        # The installer is done with it: the installed guest has no such CD-ROM.
+        storage.delete_volume(plan.hv, plan.pool.name, plan.answer_volume)
     _crash_point("defining:done")
     run.move(Status.DEFINING, Status.STARTING, "Final configuration defined")
 

@@ -200,7 +200,8 @@ def answer_file_make(
     SubmitError (in the caller's transaction, so nothing stays) when the portal has no address
     for the host's guests, or the file does not render or is too big.
     """
-    if not answer_base(request.host):
+    by_url = template.answer_delivery == GuestTemplate.AnswerDelivery.URL
+    if by_url and not answer_base(request.host):
         raise SubmitError(
             {
                 "template": f"{template.name} installs from an answer file, but the portal's "
@@ -223,7 +224,10 @@ def answer_file_make(
     except answers.AnswerFileError as exc:
         raise SubmitError({"template": f"the answer file of {template.name}: {exc}"}) from exc
     url_problem = answers.cmdline_problem(
-        template.kernel_cmdline, answer_file=True, url_length=answer_url_length(request.host)
+        template.kernel_cmdline,
+        answer_file=True,
+        url_length=answer_url_length(request.host),
+        by_url=by_url,
     )
     if url_problem:
         raise SubmitError({"template": f"{template.name}: {url_problem}"})

@@ -7,6 +7,8 @@ run (the namespaced libvirtd); the portal answers there through a port that lead
 namespace, to a UNIX socket a second web server of the test listens on. No packet leaves it.
 """
 
+# ruff: noqa: F811 - the tests take the fixture imported below as an argument
+
 from __future__ import annotations
 
 import re
@@ -18,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from provisioning import sshkeys
+from provisioning import cloudinit, sshkeys
 from provisioning.demo import tinyguest
-from provisioning.hypervisor import networks
+from provisioning.hypervisor import networks, operations, storage
 from provisioning.hypervisor.connection import get_hypervisor
+from provisioning.hypervisor.errors import HypervisorError
 from provisioning.models import (
     AnswerFile,
     GuestTemplate,
@@ -30,13 +33,14 @@ from provisioning.models import (
     Network,
     ProvisioningRequest,
 )
-from provisioning.services.demo import DEMO_POOL_NAME, demo_seed
+from provisioning.services.demo import DEMO_POOL_NAME, DEMO_POOL_PATH, demo_seed
 from provisioning.services.provision import Overrides, request_submit
 from tests.factories import make_host, make_user, new_public_key
 from tests.support.flows import new_name, remove_qemu_guest
 from tests.support.isolation import SCRIPT
 from tests.support.netns import NetnsHost
 from tests.support.qemu import free_subnet
+from tests.support.qemu_engine import QemuStack, qemu_stack, wait_for_status  # noqa: F401
 from tests.support.stack import (
     ROOT,
     VENV_BIN,
@@ -179,3 +183,58 @@ def test_the_installer_fetches_its_own_answer_file_once_and_the_guest_shows_it(
     from django.test import Client
 
     assert Client().get(f"/install/{answer.token}/").status_code == 410
+
+
+def test_an_oemdrv_cd_rom_carries_the_answer_file_for_the_install_only(
+    qemu_stack: QemuStack,
+) -> None:
+    # No network at all: the file is on a CD-ROM labelled OEMDRV in the install phase.
+    demo = qemu_stack.template
+    template = GuestTemplate.objects.create(
+        name="Tiny Linux (answer file on OEMDRV)",
+        method=GuestTemplate.Method.KERNEL,
+        media=demo.media,
+        pool=demo.pool,
+        answer_file=ANSWER,
+        answer_delivery=GuestTemplate.AnswerDelivery.OEMDRV,
+        kernel_cmdline=tinyguest.install_cmdline("oemdrv") + " vmportal.answer=oemdrv",
+        memory_mib_default=256,
+        disk_mib_default=tinyguest.DISK_MIN_MIB,
+        disk_mib_min=tinyguest.DISK_MIN_MIB,
+        install_timeout_minutes=5,
+    )
+    template.full_clean()
+    key = new_public_key(comment="bo@desk")
+    request = request_submit(
+        owner=qemu_stack.owner,
+        template=template,
+        overrides=Overrides(name=qemu_stack.new_name(), ssh_keys=[key]),
+    )
+    guest = request.guest
+    assert guest is not None
+    volume = f"{guest.name}-{guest.uuid.hex[:8]}-oemdrv.iso"
+
+    def installing_with_it() -> bool:
+        try:
+            xml = operations.get_xml(qemu_stack.hv, str(guest.uuid))
+        except HypervisorError:
+            return False
+        return volume in xml and "vmportal.answer=oemdrv" in xml
+
+    wait_until(installing_with_it, timeout=60, what="the install boot with the OEMDRV CD-ROM")
+    image = (DEMO_POOL_PATH / volume).read_bytes()  # the pool is a folder on this machine
+    assert cloudinit.read_seed_iso(image)[""] == b"OEMDRV"
+
+    def printed() -> str | None:
+        found = re.search(
+            r"VMPORTAL-ANSWER-BEGIN\r?\n(.*?)\r?\nVMPORTAL-ANSWER-END", console_of(guest), re.S
+        )
+        return found.group(1) if found else None
+
+    text = wait_until(printed, timeout=240, what="the installed guest to print its answer file")
+    lines = text.replace("\r", "").splitlines()
+    assert f"hostname {guest.name}" in lines and f"authorized-key {key}" in lines
+    wait_for_status(request, Status.RUNNING, qemu_stack, timeout=60)
+    final = operations.get_xml(qemu_stack.hv, str(guest.uuid))
+    assert volume not in final, "the installed guest has no OEMDRV CD-ROM"
+    assert volume not in [v.name for v in storage.list_volumes(qemu_stack.hv, DEMO_POOL_NAME)]
