@@ -24,7 +24,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection
 
-from provisioning.hypervisor import HypervisorError, NotFound, WrongState
+from provisioning.hypervisor import HypervisorError, Unsupported
 from provisioning.hypervisor.consoles import SerialConsole, open_display
 from provisioning.services import consoles
 from provisioning.services.consoles import Opened
@@ -203,10 +203,12 @@ class SerialBridge(_Bridge):
         _attached[self.opened.guest_uuid] = self
         try:
             await asyncio.to_thread(console.attach)
-        except (NotFound, WrongState) as exc:
-            # It stopped again between the look and the attach: keep waiting for it.
-            log.info("console of %s: attach failed, waiting: %s", self.opened.guest_uuid, exc)
-            self.state = "stopped"
+        except Unsupported:
+            raise  # this host has no consoles to give: the bridge closes, saying so
+        except HypervisorError as exc:
+            # Lost a race with libvirt: the guest stopped again, or it is starting and its pty
+            # is not assigned yet ("PTY device is not yet assigned"). The tick tries again.
+            log.info("console of %s: not attached yet: %s", self.opened.guest_uuid, exc)
             return
         await self._say_state()
 
@@ -295,6 +297,8 @@ class SerialBridge(_Bridge):
             return  # libvirt has not marked it shut off yet
         if state != self.state:
             await self._moved_to(state)
+        elif state in ("running", "paused"):
+            await self._attach_if_up()  # an attach that failed as the guest started
 
 
 class DisplayBridge(_Bridge):

@@ -16,8 +16,17 @@ from dataclasses import dataclass
 import pytest
 
 from provisioning.demo import tinyguest
-from provisioning.hypervisor import Hypervisor, define, destroy, get_info, resume, start, suspend
-from provisioning.hypervisor.consoles import open_serial_consoles
+from provisioning.hypervisor import (
+    Hypervisor,
+    HypervisorError,
+    define,
+    destroy,
+    get_info,
+    resume,
+    start,
+    suspend,
+)
+from provisioning.hypervisor.consoles import SerialConsole, open_serial_consoles
 from provisioning.hypervisor.types import GuestState
 from provisioning.models import ConsoleSession, Guest
 from provisioning.services import consoles
@@ -236,3 +245,28 @@ def test_two_hundred_sessions_leave_no_stream_descriptor_or_task_behind(row: Gue
     assert after[1] == before[1], f"tasks {before[1]} -> {after[1]}"
     assert after[0] <= before[0] + 2, f"file descriptors {before[0]} -> {after[0]}"
     assert ConsoleSession.objects.filter(closed__isnull=True).count() == 0
+
+
+def test_an_attach_that_loses_the_race_with_a_starting_guest_is_tried_again(
+    row: Guest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # libvirt reports a guest started a moment before its pty is assigned; openConsole then
+    # fails ("PTY device is not yet assigned"). That race is injected here once.
+    real = SerialConsole.attach
+    calls: list[int] = []
+
+    def attach(self: SerialConsole) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise HypervisorError("operation failed: PTY device is not yet assigned")
+        real(self)
+
+    monkeypatch.setattr(SerialConsole, "attach", attach)
+
+    async def go() -> None:
+        viewer = await connected(row)
+        await echo(viewer, 4, 4)
+        await viewer.leave()
+
+    run_async(go)
+    assert len(calls) >= 2
