@@ -8,15 +8,15 @@ gives the file for one guest. The install's kernel command line names it with ``
 
 from __future__ import annotations
 
-import io
 import secrets
 import warnings
 from collections.abc import Iterable
 from typing import Any
 
-import pycdlib
 from django.template import Context, Engine, TemplateSyntaxError
 from django.template.base import Lexer, TokenType
+
+from provisioning import cloudinit
 
 with warnings.catch_warnings():
     # crypt is what builds the SHA-512 hashes installers take (rootpw --iscrypted, passwd/
@@ -145,22 +145,7 @@ def render(source: str, context: dict[str, Any]) -> str:
 
 def oemdrv_iso(content: str) -> bytes:
     """A small ISO 9660 image labelled OEMDRV holding the answer file as ks.cfg."""
-    data = content.encode()
-    iso = pycdlib.PyCdlib()
-    iso.new(vol_ident=OEMDRV_LABEL, joliet=3, rock_ridge="1.09")
-    try:
-        iso.add_fp(
-            io.BytesIO(data),
-            len(data),
-            iso_path="/KS.CFG;1",
-            rr_name=OEMDRV_FILE,
-            joliet_path=f"/{OEMDRV_FILE}",
-        )
-        out = io.BytesIO()
-        iso.write_fp(out)
-    finally:
-        iso.close()
-    return out.getvalue()
+    return cloudinit.iso_image(OEMDRV_LABEL, {"KS.CFG": (OEMDRV_FILE, content.encode())})
 
 
 def cmdline_problem(

@@ -231,14 +231,22 @@ def seed_iso(
 ) -> bytes:
     """A NoCloud seed: an ISO 9660 image labelled cidata holding the seed's files."""
     files = seed_files(meta_data=meta_data, user_data=user_data, network_config=network_config)
+    return iso_image(
+        SEED_LABEL, {f"{_ISO_NAMES[name]}.": (name, data) for name, data in files.items()}
+    )
+
+
+def iso_image(label: str, files: Mapping[str, tuple[str, bytes]]) -> bytes:
+    """An ISO 9660 image labelled `label` (Joliet and Rock Ridge names too) of files given as
+    {ISO 9660 name ("NAME.EXT", or "NAME." with no extension): (long name, content)}."""
     iso = pycdlib.PyCdlib()
-    iso.new(vol_ident=SEED_LABEL, joliet=3, rock_ridge="1.09")
+    iso.new(vol_ident=label, joliet=3, rock_ridge="1.09")
     try:
-        for name, content in files.items():
+        for short, (name, content) in files.items():
             iso.add_fp(
                 io.BytesIO(content),
                 len(content),
-                iso_path=f"/{_ISO_NAMES[name]}.;1",
+                iso_path=f"/{short};1",
                 rr_name=name,
                 joliet_path=f"/{name}",
             )

@@ -14,7 +14,7 @@ from django.db import transaction
 
 from provisioning.demo import debian, tinyguest
 from provisioning.hypervisor import networks, storage
-from provisioning.hypervisor.connection import get_hypervisor
+from provisioning.hypervisor.connection import Hypervisor, get_hypervisor
 from provisioning.hypervisor.errors import HypervisorError, NotFound
 from provisioning.models import GuestTemplate, Host, Media, Network, StoragePool
 from provisioning.services.hosts import host_domain_type
@@ -36,6 +36,21 @@ def _publish(src: Path, dest: Path) -> None:
     shutil.copyfile(src, tmp)
     tmp.chmod(0o644)
     tmp.replace(dest)
+
+
+# The tiny guest's sizes, for every demo template made from it.
+_TINY_SIZES = {
+    "vcpus_min": 1,
+    "vcpus_default": 1,
+    "vcpus_max": 2,
+    "memory_mib_min": 128,
+    "memory_mib_default": 256,
+    "memory_mib_max": 1024,
+    "disk_mib_min": tinyguest.DISK_MIN_MIB,
+    "disk_mib_default": tinyguest.DISK_MIN_MIB,
+    "disk_mib_max": 1024,
+    "install_timeout_minutes": 10,
+}
 
 
 def demo_seed(*, host: Host, log: Callable[[str], None] = print) -> GuestTemplate:
@@ -79,17 +94,8 @@ def demo_seed(*, host: Host, log: Callable[[str], None] = print) -> GuestTemplat
                 "media": media,
                 "pool": pool,
                 "kernel_cmdline": tinyguest.install_cmdline("installed"),
-                "vcpus_min": 1,
-                "vcpus_default": 1,
-                "vcpus_max": 2,
-                "memory_mib_min": 128,
-                "memory_mib_default": 256,
-                "memory_mib_max": 1024,
-                "disk_mib_min": tinyguest.DISK_MIN_MIB,
-                "disk_mib_default": tinyguest.DISK_MIN_MIB,
-                "disk_mib_max": 1024,
+                **_TINY_SIZES,
                 "data_disk_mib_max": 256,
-                "install_timeout_minutes": 10,
             },
         )
     if created:
@@ -138,18 +144,17 @@ PXE_NETWORK_NAME = "vmportal-pxe"
 PXE_BRIDGE = "vmportal-pxe0"
 # The PXE installs' network: isolated (no <forward>), DHCP, BOOTP and TFTP from the host.
 PXE_SUBNET = ipaddress.IPv4Network("192.168.151.0/24")
-_TINY_SIZES = {
-    "vcpus_min": 1,
-    "vcpus_default": 1,
-    "vcpus_max": 2,
-    "memory_mib_min": 128,
-    "memory_mib_default": 256,
-    "memory_mib_max": 1024,
-    "disk_mib_min": tinyguest.DISK_MIN_MIB,
-    "disk_mib_default": tinyguest.DISK_MIN_MIB,
-    "disk_mib_max": 1024,
-    "install_timeout_minutes": 10,
-}
+
+
+def _refuse_taken(hv: Hypervisor, name: str, subnet: ipaddress.IPv4Network) -> None:
+    """HypervisorError when a libvirt network other than `name` already uses the subnet."""
+    taken = [
+        other
+        for other, nets in networks.network_subnets(hv).items()
+        if other != name and any(n.overlaps(subnet) for n in nets)
+    ]
+    if taken:
+        raise HypervisorError(f"{subnet} is used by the libvirt network(s) {', '.join(taken)}")
 
 
 def pxe_network(
@@ -173,13 +178,7 @@ def pxe_network(
             _publish(source, dest)
     root.chmod(0o755)
     hv = get_hypervisor(host.uri)
-    taken = {
-        other: nets
-        for other, nets in networks.network_subnets(hv).items()
-        if other != name and any(n.overlaps(subnet) for n in nets)
-    }
-    if taken:
-        raise HypervisorError(f"{subnet} is used by the libvirt network(s) {', '.join(taken)}")
+    _refuse_taken(hv, name, subnet)
     networks.ensure_network(
         hv,
         name,
@@ -311,13 +310,7 @@ def demo_network(
 ) -> Network:
     """The demo's libvirt network (NAT with DHCP) on the host, made if missing, and its row."""
     hv = get_hypervisor(host.uri)
-    taken = {
-        name: nets
-        for name, nets in networks.network_subnets(hv).items()
-        if name != DEMO_NETWORK_NAME and any(n.overlaps(subnet) for n in nets)
-    }
-    if taken:
-        raise HypervisorError(f"{subnet} is used by the libvirt network(s) {', '.join(taken)}")
+    _refuse_taken(hv, DEMO_NETWORK_NAME, subnet)
     networks.ensure_network(hv, DEMO_NETWORK_NAME, bridge=DEMO_BRIDGE, subnet=subnet, nat=nat)
     network, _ = Network.objects.update_or_create(
         host=host,

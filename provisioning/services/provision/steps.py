@@ -245,16 +245,23 @@ def _prepare(run: Run) -> None:
     run.move(Status.PREPARING, after, note)
 
 
+def _upload_anew(plan: Plan, volume: str, data: bytes) -> bool:
+    """Make `volume` anew holding `data` (a crashed upload may have left half of one); False
+    when the host takes no uploads (libvirt's test driver, whose guests never read a disk) and
+    an empty volume of the size stands in."""
+    storage.delete_volume(plan.hv, plan.pool.name, volume)
+    try:
+        storage.upload_bytes(plan.hv, plan.pool.name, volume, data)
+    except Unsupported:
+        storage.create_volume(plan.hv, plan.pool.name, volume, len(data), "raw")
+        return False
+    return True
+
+
 def _write_seed(plan: Plan) -> str:
     """Make the cloud-init seed anew (a crashed upload may have left half of one); a log line."""
     assert plan.seed_volume is not None
-    seed = plan.seed()
-    storage.delete_volume(plan.hv, plan.pool.name, plan.seed_volume)
-    try:
-        storage.upload_bytes(plan.hv, plan.pool.name, plan.seed_volume, seed)
-    except Unsupported:
-        # libvirt's test driver takes no uploads; its guests never read a disk anyway.
-        storage.create_volume(plan.hv, plan.pool.name, plan.seed_volume, len(seed), "raw")
+    if not _upload_anew(plan, plan.seed_volume, plan.seed()):
         return (
             f"cloud-init seed {plan.seed_volume} made empty, as this host takes no uploads "
             f"(instance {plan.instance_id})"
@@ -265,12 +272,7 @@ def _write_seed(plan: Plan) -> str:
 def _write_answer_disk(plan: Plan) -> str:
     """Make the OEMDRV CD-ROM with the request's answer file anew; a log line."""
     assert plan.answer_volume is not None
-    image = plan.answer_iso()
-    storage.delete_volume(plan.hv, plan.pool.name, plan.answer_volume)
-    try:
-        storage.upload_bytes(plan.hv, plan.pool.name, plan.answer_volume, image)
-    except Unsupported:
-        storage.create_volume(plan.hv, plan.pool.name, plan.answer_volume, len(image), "raw")
+    if not _upload_anew(plan, plan.answer_volume, plan.answer_iso()):
         return f"answer file CD-ROM {plan.answer_volume} made empty, as this host takes no uploads"
     return f"answer file on the OEMDRV CD-ROM {plan.answer_volume} for the install"
 

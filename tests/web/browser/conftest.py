@@ -12,6 +12,7 @@ from provisioning.services.demo import DEMO_POOL_NAME, demo_seed
 from tests.factories import make_host
 from tests.support.flows import Demo, remove_qemu_guest
 from tests.support.libvirt import QEMU_URI
+from tests.support.netns import NetnsHost
 from tests.support.stack import RedisServer, Stack, point_celery_at
 
 
@@ -44,3 +45,24 @@ def demo(qemu_stack: Stack) -> Iterator[Demo]:
     finally:
         for name in made.names:
             remove_qemu_guest(made.hv, name, DEMO_POOL_NAME)
+
+
+@pytest.fixture
+def netns_stack(
+    transactional_db: None, own_redis: RedisServer, settings, netns_host: NetnsHost
+) -> Iterator[Stack]:
+    """The stack on the namespaced libvirtd, with software emulation (KVM hangs here)."""
+    from vmportal.celery import app
+
+    settings.REDIS_URL = own_redis.url
+    settings.LIBVIRT_URI = netns_host.uri
+    settings.VMPORTAL_DOMAIN_TYPE = "qemu"
+    previous = app.conf.broker_url
+    point_celery_at(own_redis.url)
+    running = Stack(own_redis, netns_host.uri)
+    running.env["VMPORTAL_DOMAIN_TYPE"] = "qemu"
+    try:
+        yield running
+    finally:
+        running.stop()
+        point_celery_at(previous)

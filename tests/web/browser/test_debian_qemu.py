@@ -44,7 +44,7 @@ from tests.support.flows import (
 )
 from tests.support.netns import NetnsHost
 from tests.support.qemu import free_subnet
-from tests.support.stack import RedisServer, Stack, point_celery_at, wait_until
+from tests.support.stack import Stack, wait_until
 from tests.support.terminal import TERMINAL, terminal_state, wait_for_text
 
 pytestmark = [
@@ -69,28 +69,7 @@ class Debian:
 
 
 @pytest.fixture
-def debian_stack(
-    transactional_db: None, own_redis: RedisServer, settings, netns_host: NetnsHost
-) -> Iterator[Stack]:
-    """The stack on the namespaced libvirtd, with software emulation (KVM hangs here)."""
-    from vmportal.celery import app
-
-    settings.REDIS_URL = own_redis.url
-    settings.LIBVIRT_URI = netns_host.uri
-    settings.VMPORTAL_DOMAIN_TYPE = "qemu"
-    previous = app.conf.broker_url
-    point_celery_at(own_redis.url)
-    running = Stack(own_redis, netns_host.uri)
-    running.env["VMPORTAL_DOMAIN_TYPE"] = "qemu"
-    try:
-        yield running
-    finally:
-        running.stop()
-        point_celery_at(previous)
-
-
-@pytest.fixture
-def debian(debian_stack: Stack, netns_host: NetnsHost) -> Iterator[Debian]:
+def debian(netns_stack: Stack, netns_host: NetnsHost) -> Iterator[Debian]:
     """The Debian template on the namespaced host, on an isolated network of its own."""
     hv = get_hypervisor(netns_host.uri)
     host = make_host("local", uri=netns_host.uri, pool=None)
@@ -157,15 +136,15 @@ def address_on(page: Page) -> str:
 
 
 def test_a_user_with_a_key_gets_a_debian_guest_sees_its_address_and_logs_in_over_ssh(
-    debian_stack: Stack, debian: Debian, make_user, page: Page, tmp_path: Path
+    netns_stack: Stack, debian: Debian, make_user, page: Page, tmp_path: Path
 ) -> None:
     owner = make_user("kim")
     key, public = key_pair(tmp_path)
     ssh_key_add(owner=owner, name="laptop", text=public)
-    debian_stack.start("listener", "worker", "beat", "web")
+    netns_stack.start("listener", "worker", "beat", "web")
     wait_until(listener_connected, timeout=60, what="the listener to subscribe to libvirt")
     seen = watch(page)
-    log_in(page, debian_stack.base_url, "kim", PASSWORD)
+    log_in(page, netns_stack.base_url, "kim", PASSWORD)
 
     # --- ask for it: the key is ticked by default ---
     name = new_name("deb-")

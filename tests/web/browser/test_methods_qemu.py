@@ -30,7 +30,7 @@ from tests.support.flows import (
 )
 from tests.support.netns import NetnsHost
 from tests.support.qemu import free_subnet
-from tests.support.stack import RedisServer, Stack, point_celery_at, wait_until
+from tests.support.stack import Stack, wait_until
 from tests.support.terminal import wait_for_text
 
 pytestmark = [pytest.mark.browser, pytest.mark.qemu, pytest.mark.timeout(420)]
@@ -63,27 +63,7 @@ class Methods:
 
 
 @pytest.fixture
-def methods_stack(
-    transactional_db: None, own_redis: RedisServer, settings, netns_host: NetnsHost
-) -> Iterator[Stack]:
-    from vmportal.celery import app
-
-    settings.REDIS_URL = own_redis.url
-    settings.LIBVIRT_URI = netns_host.uri
-    settings.VMPORTAL_DOMAIN_TYPE = "qemu"
-    previous = app.conf.broker_url
-    point_celery_at(own_redis.url)
-    running = Stack(own_redis, netns_host.uri)
-    running.env["VMPORTAL_DOMAIN_TYPE"] = "qemu"
-    try:
-        yield running
-    finally:
-        running.stop()
-        point_celery_at(previous)
-
-
-@pytest.fixture
-def methods(methods_stack: Stack, netns_host: NetnsHost) -> Iterator[Methods]:
+def methods(netns_stack: Stack, netns_host: NetnsHost) -> Iterator[Methods]:
     hv = get_hypervisor(netns_host.uri)
     host = make_host("local", uri=netns_host.uri, pool=None)
     # Names unique on the machine: every libvirtd shares /var/lib/libvirt/dnsmasq.
@@ -109,12 +89,12 @@ def methods(methods_stack: Stack, netns_host: NetnsHost) -> Iterator[Methods]:
 
 
 def test_each_of_the_six_cards_gives_a_running_guest(
-    methods_stack: Stack, methods: Methods, make_user, page: Page
+    netns_stack: Stack, methods: Methods, make_user, page: Page
 ) -> None:
     make_user("ann")
-    methods_stack.start("listener", "worker", "beat", "web")
+    netns_stack.start("listener", "worker", "beat", "web")
     wait_until(listener_connected, timeout=60, what="the listener to subscribe to libvirt")
-    base = methods_stack.base_url
+    base = netns_stack.base_url
     log_in(page, base, "ann", PASSWORD)
     assert {t.name for t in methods.templates} == set(SHOWS)
 
