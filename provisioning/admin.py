@@ -1,21 +1,79 @@
-"""The Django admin: staff curate hosts, storage, media, networks, templates and quotas."""
+"""The Django admin: staff curate hosts, storage, media, networks, templates and quotas.
+
+Every add, change and delete made here is kept in the audit log, with the changed fields'
+values before and after; the audit log itself and API tokens are read only here.
+"""
 
 import copy
 from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.auth import admin as auth_admin
+from django.contrib.auth.models import Group, User
+from django.db import models as db_models
+from django.db import transaction
 from django.db.models import QuerySet
 from django.forms.models import construct_instance
 from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
 
 from . import models
-from .services import templates
+from .services import audit, templates, tokens
+
+# Fields whose change is recorded without its values.
+HIDDEN = frozenset({"password"})
+HIDDEN_VALUE = "(hidden)"
+
+
+def _fields(obj: db_models.Model, names: list[str]) -> list[Any]:
+    """The model's own columns among the form's changed fields (not form-only fields)."""
+    columns = {f.name: f for f in obj._meta.concrete_fields}
+    return [columns[name] for name in names if name in columns]
+
+
+def _action(obj: db_models.Model, verb: str) -> str:
+    return f"admin.{obj._meta.model_name}.{verb}"
+
+
+class AuditedAdmin(admin.ModelAdmin):
+    """Writes an admin.<model>.add|change|delete audit row for every save and delete here."""
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        fields = _fields(obj, list(form.changed_data))
+        before: dict[str, Any] = {}
+        if change and fields:
+            # From the database: the form has already put the new values on obj.
+            row = (
+                type(obj)
+                ._base_manager.filter(pk=obj.pk)
+                .values(*(f.attname for f in fields))
+                .first()
+            )
+            before = {f.name: (row or {}).get(f.attname) for f in fields}
+        super().save_model(request, obj, form, change)
+        after = {f.name: f.value_from_object(obj) for f in fields}
+        changes = audit.changed(before, after)
+        for name in HIDDEN.intersection(changes):
+            changes[name] = (HIDDEN_VALUE, HIDDEN_VALUE)
+        audit.record(
+            _action(obj, "change" if change else "add"), obj, by=request.user, changes=changes
+        )
+
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        # Recorded first, while obj still has its id; the admin's transaction keeps both or none.
+        audit.record(_action(obj, "delete"), obj, by=request.user)
+        super().delete_model(request, obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        with transaction.atomic(using=queryset.db):
+            for obj in queryset:
+                audit.record(_action(obj, "delete"), obj, by=request.user)
+            super().delete_queryset(request, queryset)
 
 
 @admin.register(models.Host)
-class HostAdmin(admin.ModelAdmin):
+class HostAdmin(AuditedAdmin):
     list_display = (
         "name",
         "uri",
@@ -32,21 +90,21 @@ class HostAdmin(admin.ModelAdmin):
 
 
 @admin.register(models.StoragePool)
-class StoragePoolAdmin(admin.ModelAdmin):
+class StoragePoolAdmin(AuditedAdmin):
     list_display = ("name", "host", "path", "for_guest_disks")
     list_filter = ("host", "for_guest_disks")
     search_fields = ("name", "path")
 
 
 @admin.register(models.Network)
-class NetworkAdmin(admin.ModelAdmin):
+class NetworkAdmin(AuditedAdmin):
     list_display = ("name", "host", "kind", "source")
     list_filter = ("host", "kind")
     search_fields = ("name", "source")
 
 
 @admin.register(models.Media)
-class MediaAdmin(admin.ModelAdmin):
+class MediaAdmin(AuditedAdmin):
     list_display = ("name", "kind", "pool", "volume", "path", "kernel_path")
     list_filter = ("kind",)
     search_fields = ("name", "description", "volume", "path", "kernel_path")
@@ -70,7 +128,7 @@ class GuestTemplateForm(forms.ModelForm):
 
 
 @admin.register(models.GuestTemplate)
-class GuestTemplateAdmin(admin.ModelAdmin):
+class GuestTemplateAdmin(AuditedAdmin):
     form = GuestTemplateForm
     list_display = ("name", "method", "lifecycle", "version", "enabled", "host", "updated")
     list_filter = ("method", "lifecycle", "enabled", "host")
@@ -167,7 +225,7 @@ class GuestTemplateAdmin(admin.ModelAdmin):
 
 
 @admin.register(models.Guest)
-class GuestAdmin(admin.ModelAdmin):
+class GuestAdmin(AuditedAdmin):
     list_display = ("name", "owner", "host", "state", "state_reason", "persistent", "autostart")
     list_filter = ("state", "host", "persistent", "autostart")
     search_fields = ("name", "uuid", "owner__username")
@@ -190,7 +248,7 @@ class RequestEventInline(admin.TabularInline):
 
 
 @admin.register(models.ProvisioningRequest)
-class ProvisioningRequestAdmin(admin.ModelAdmin):
+class ProvisioningRequestAdmin(AuditedAdmin):
     inlines = [RequestEventInline]
     list_display = ("name", "owner", "template", "template_version", "host", "status", "created")
     list_filter = ("status", "host", "template")
@@ -200,7 +258,7 @@ class ProvisioningRequestAdmin(admin.ModelAdmin):
 
 
 @admin.register(models.Job)
-class JobAdmin(admin.ModelAdmin):
+class JobAdmin(AuditedAdmin):
     list_display = ("id", "kind", "status", "guest", "request", "progress", "created", "completed")
     list_filter = ("status", "kind")
     search_fields = ("guest__name", "request__name", "error")
@@ -210,7 +268,7 @@ class JobAdmin(admin.ModelAdmin):
 
 
 @admin.register(models.Quota)
-class QuotaAdmin(admin.ModelAdmin):
+class QuotaAdmin(AuditedAdmin):
     list_display = ("__str__", "max_guests", "max_vcpus", "max_memory_mib", "max_disk_mib")
     search_fields = ("user__username", "group__name")
     list_select_related = ("user", "group")
@@ -224,7 +282,7 @@ class ScheduleRunInline(admin.TabularInline):
 
 
 @admin.register(models.RebuildSchedule)
-class RebuildScheduleAdmin(admin.ModelAdmin):
+class RebuildScheduleAdmin(AuditedAdmin):
     list_display = ("guest", "periodic_task", "source", "keep_data_disk", "created_by", "created")
     list_filter = ("source", "keep_data_disk")
     search_fields = ("guest__name", "periodic_task__name")
@@ -233,7 +291,7 @@ class RebuildScheduleAdmin(admin.ModelAdmin):
 
 
 @admin.register(models.ScheduleRun)
-class ScheduleRunAdmin(admin.ModelAdmin):
+class ScheduleRunAdmin(AuditedAdmin):
     list_display = ("schedule", "fired", "outcome", "result", "duration", "message")
     list_filter = ("outcome",)
     search_fields = ("schedule__guest__name", "message")
@@ -241,14 +299,14 @@ class ScheduleRunAdmin(admin.ModelAdmin):
 
 
 @admin.register(models.TemplateVersion)
-class TemplateVersionAdmin(admin.ModelAdmin):
+class TemplateVersionAdmin(AuditedAdmin):
     list_display = ("template", "version", "created")
     list_filter = ("template",)
     readonly_fields = ("template", "version", "fields", "created")
 
 
 @admin.register(models.SshKey)
-class SshKeyAdmin(admin.ModelAdmin):
+class SshKeyAdmin(AuditedAdmin):
     list_display = ("owner", "name", "fingerprint", "created")
     search_fields = ("owner__username", "name", "fingerprint")
     list_select_related = ("owner",)
@@ -261,7 +319,7 @@ class SshKeyAdmin(admin.ModelAdmin):
 
 
 @admin.register(models.ConsoleSession)
-class ConsoleSessionAdmin(admin.ModelAdmin):
+class ConsoleSessionAdmin(AuditedAdmin):
     """Who opened which guest's console, when and for how long: a record, read only."""
 
     list_display = ("guest", "kind", "user", "opened", "closed", "close_reason", "client")
@@ -272,6 +330,121 @@ class ConsoleSessionAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[models.ConsoleSession]:
         return super().get_queryset(request).filter(opened__isnull=False)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+# Django's own user and group pages, audited like the rest.
+admin.site.unregister(User)
+admin.site.unregister(Group)
+
+
+@admin.register(User)
+class UserAdmin(AuditedAdmin, auth_admin.UserAdmin):
+    pass
+
+
+@admin.register(Group)
+class GroupAdmin(AuditedAdmin, auth_admin.GroupAdmin):
+    pass
+
+
+@admin.register(models.ApiToken)
+class ApiTokenAdmin(AuditedAdmin):
+    """Users' API tokens, read only (never their digest); staff may revoke one."""
+
+    list_display = (
+        "name",
+        "user",
+        "prefix",
+        "scope",
+        "created",
+        "expires",
+        "last_used",
+        "last_used_from",
+        "revoked",
+    )
+    list_filter = ("scope",)
+    search_fields = ("name", "prefix", "user__username")
+    list_select_related = ("user",)
+    fields = list_display
+    actions = ["revoke"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # a token is made by its owner, on their profile page, and shown once
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False  # revoked, not deleted: the audit log names it
+
+    def has_revoke_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("provisioning.change_apitoken")
+
+    @admin.action(description="Revoke the selected tokens", permissions=["revoke"])
+    def revoke(self, request: HttpRequest, queryset: QuerySet[models.ApiToken]) -> None:
+        done = 0
+        for token in queryset.filter(revoked__isnull=True).select_related("user"):
+            try:
+                tokens.token_revoke(user=token.user, token_id=token.pk)
+            except models.ApiToken.DoesNotExist:
+                continue  # revoked meanwhile
+            # token_revoke names the owner as its actor; this row names who revoked it.
+            audit.record(
+                _action(token, "revoke"), token, by=request.user, detail=f"of {token.user}"
+            )
+            done += 1
+        self.message_user(request, f"Revoked {done} token{'s' if done != 1 else ''}.")
+
+
+@admin.register(models.AuditEvent)
+class AuditEventAdmin(AuditedAdmin):
+    """The audit log: every staff member may read it, nobody may add, change or delete a row."""
+
+    list_display = (
+        "created",
+        "actor_name",
+        "channel",
+        "action",
+        "object_type",
+        "object_repr",
+        "result",
+        "source_ip",
+        "token_name",
+    )
+    list_filter = ("channel", "result", "action")
+    search_fields = ("actor_name", "action", "object_id", "object_repr", "detail", "source_ip")
+    date_hierarchy = "created"
+    fields = (
+        "created",
+        "actor_name",
+        "channel",
+        "token_name",
+        "source_ip",
+        "action",
+        "object_type",
+        "object_id",
+        "object_repr",
+        "result",
+        "changes",
+        "detail",
+    )
+    readonly_fields = fields
+    show_full_result_count = False  # a COUNT(*) of the whole log on every page is not needed
+
+    def has_module_permission(self, request: HttpRequest) -> bool:
+        return bool(request.user.is_active and request.user.is_staff)
+
+    def has_view_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return bool(request.user.is_active and request.user.is_staff)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import date, datetime, time, timedelta
 from typing import Any
 
 from django import forms
+from django.conf import settings
 from django.contrib.auth.models import User
+from django.core.validators import MaxValueValidator
+from django.db.models import Q, QuerySet
+from django.utils import timezone
 
-from provisioning.models import NAME_VALIDATOR, GuestTemplate, SshKey
+from provisioning.models import NAME_VALIDATOR, ApiToken, AuditEvent, GuestTemplate, SshKey
 from provisioning.services.provision import Overrides
 
 
@@ -119,6 +124,103 @@ class SshKeyForm(forms.Form):
     def forget_public_key(self) -> None:
         """Render the key field empty: a pasted private key is never sent back to the browser."""
         self.data = {**dict(self.data.items()), "public_key": ""}
+
+
+class ApiTokenForm(forms.Form):
+    """A new personal API token: a name, read or read-write, and how many days it lasts."""
+
+    DAYS_DEFAULT = 90
+
+    name = forms.CharField(
+        max_length=ApiToken._meta.get_field("name").max_length,
+        help_text="What uses it, to tell it from your others",
+    )
+    scope = forms.ChoiceField(
+        choices=ApiToken.Scope.choices, initial=ApiToken.Scope.READ, widget=forms.RadioSelect
+    )
+    days = forms.IntegerField(label="Valid for (days)", min_value=1)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        most = settings.API_TOKEN_MAX_DAYS
+        days = self.fields["days"]
+        assert isinstance(days, forms.IntegerField)
+        days.max_value, days.initial = most, min(self.DAYS_DEFAULT, most)
+        days.validators.append(MaxValueValidator(most, f"Pick 1 to {most} days."))
+        days.widget.attrs.update(min=1, max=most)
+        days.help_text = f"1 to {most}"
+
+
+# The days a filter may name: beyond them a day's midnight may not exist in every time zone.
+DAYS_SHOWN = (date(1970, 1, 1), date(9998, 12, 31))
+
+
+def _all(choices: Any, label: str) -> list[tuple[str, str]]:
+    return [("", label), *choices]
+
+
+class AuditFilterForm(forms.Form):
+    """Narrows the audit log: who, through what, which action and object, the result, when."""
+
+    actor = forms.CharField(required=False, max_length=150, label="User")
+    channel = forms.ChoiceField(
+        required=False, choices=_all(AuditEvent.Channel.choices, "All channels")
+    )
+    action = forms.CharField(
+        required=False, max_length=40, help_text="Starts with, e.g. guest. or admin."
+    )
+    object_type = forms.CharField(required=False, max_length=40, label="Object type")
+    object = forms.CharField(
+        required=False, max_length=200, help_text="Its id, or part of its name"
+    )
+    result = forms.ChoiceField(
+        required=False, choices=_all(AuditEvent.Result.choices, "All results")
+    )
+    since = forms.DateField(
+        required=False, label="From", widget=forms.DateInput(attrs={"type": "date"})
+    )
+    until = forms.DateField(
+        required=False, label="To", widget=forms.DateInput(attrs={"type": "date"})
+    )
+
+    def clean(self) -> dict[str, Any] | None:
+        data = super().clean() or {}
+        for name in ("since", "until"):
+            day = data.get(name)
+            if day is not None and not DAYS_SHOWN[0] <= day <= DAYS_SHOWN[1]:
+                self.add_error(name, f"Pick a day from {DAYS_SHOWN[0]} to {DAYS_SHOWN[1]}.")
+        since, until = data.get("since"), data.get("until")
+        if since and until and since > until:
+            self.add_error("until", "Pick a day on or after the first day.")
+        return data
+
+    def events(self) -> QuerySet[AuditEvent]:
+        """The rows that match, newest first (call once the form is valid)."""
+        data = self.cleaned_data
+        rows = AuditEvent.objects.all()
+        if data.get("actor"):
+            rows = rows.filter(actor_name__iexact=data["actor"])
+        if data.get("channel"):
+            rows = rows.filter(channel=data["channel"])
+        if data.get("action"):
+            rows = rows.filter(action__startswith=data["action"])
+        if data.get("object_type"):
+            rows = rows.filter(object_type=data["object_type"].lower())
+        if data.get("object"):
+            term = data["object"]
+            rows = rows.filter(Q(object_id=term) | Q(object_repr__icontains=term))
+        if data.get("result"):
+            rows = rows.filter(result=data["result"])
+        # Whole days in the portal's time zone, as a range on the indexed column.
+        if data.get("since"):
+            rows = rows.filter(created__gte=_midnight(data["since"]))
+        if data.get("until"):
+            rows = rows.filter(created__lt=_midnight(data["until"] + timedelta(days=1)))
+        return rows.order_by("-created", "-id")
+
+
+def _midnight(day: date) -> datetime:
+    return timezone.make_aware(datetime.combine(day, time.min))
 
 
 def _range_validator(template: GuestTemplate, field: str) -> Any:

@@ -1,14 +1,20 @@
-"""Turns an unreachable backing service into a clear 503 page naming it, never a traceback."""
+"""Middleware: a clear 503 page naming an unreachable backing service, never a traceback; and
+the audit origin (channel, user, address) of every page and admin request."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import redis
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.db import DatabaseError, InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse
 from django.template.loader import render_to_string
+
+from .services import audit
 
 log = logging.getLogger(__name__)
 
@@ -44,3 +50,42 @@ class ServiceUnavailableMiddleware:
         log.error("%s unavailable while serving %s: %s", part, request.path, exception)
         body = render_to_string("503.html", {"part": part, "error": str(exception)[:300]})
         return HttpResponse(body, status=503)
+
+
+class AuditOriginMiddleware:
+    """Records what a page, admin or API request does as coming through "web", "admin" or
+    "api", from its user (and token) and address."""
+
+    sync_capable = True
+    async_capable = True  # so it never forces an adapter into an async chain
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.is_async:
+            return self._acall(request)
+        with _origin_of(request):
+            return self.get_response(request)
+
+    async def _acall(self, request: HttpRequest) -> HttpResponse:
+        get_response: Callable[[HttpRequest], Awaitable[HttpResponse]] = self.get_response
+        with _origin_of(request):
+            return await get_response(request)
+
+
+def _origin_of(request: HttpRequest) -> contextlib.AbstractContextManager[Any]:
+    path = request.path_info
+    if path.startswith("/api/"):
+        # Who calls is known once the API has authenticated the token or session (set_user).
+        return audit.acting(audit.Channel.API, ip=request.META.get("REMOTE_ADDR"))
+    # The user is found only if a row is recorded, and as the request has it then: a login
+    # replaces request.user with the user who just logged in.
+    return audit.acting(
+        audit.Channel.ADMIN if path.startswith("/admin/") else audit.Channel.WEB,
+        user=lambda: getattr(request, "user", None),
+        ip=request.META.get("REMOTE_ADDR"),
+    )

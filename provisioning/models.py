@@ -919,3 +919,117 @@ class AnswerFile(models.Model):
 
     def __str__(self) -> str:
         return f"answer file of request #{self.request_id}"
+
+
+class ApiToken(models.Model):
+    """A personal API token: shown once, kept as its SHA-256, scoped, expiring and revocable."""
+
+    class Scope(models.TextChoices):
+        READ = "read", "Read only"
+        WRITE = "write", "Read and write"
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
+    )
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16, help_text="The token's first characters, to tell it.")
+    digest = models.CharField(max_length=64, unique=True, help_text="SHA-256 of the token.")
+    scope = models.CharField(max_length=5, choices=Scope, default=Scope.READ)
+    created = models.DateTimeField(auto_now_add=True)
+    expires = models.DateTimeField()
+    revoked = models.DateTimeField(null=True, blank=True)
+    last_used = models.DateTimeField(null=True, blank=True)
+    last_used_from = models.CharField(max_length=64, blank=True)
+
+    class Meta:
+        ordering = ["-created"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user", "name"], condition=Q(revoked__isnull=True), name="api_token_name"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def writes(self) -> bool:
+        return self.scope == self.Scope.WRITE
+
+
+class IdempotencyKey(models.Model):
+    """A POST's Idempotency-Key: a retry with the same key answers what the first made."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    key = models.CharField(max_length=255)
+    fingerprint = models.CharField(max_length=64, help_text="SHA-256 of the request's body.")
+    request = models.ForeignKey(
+        ProvisioningRequest, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "key"], name="idempotency_key_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key} of {self.user_id}"
+
+
+class AuditEvent(models.Model):
+    """One state-changing action, login or refusal: who, through what, on what, and the result.
+
+    Rows are only ever added (and pruned after the retention period); nothing edits them.
+    """
+
+    class Channel(models.TextChoices):
+        WEB = "web", "Web pages"
+        API = "api", "API"
+        ADMIN = "admin", "Admin"
+        SCHEDULE = "schedule", "Schedule"
+        RECONCILE = "reconcile", "Reconcile"
+        LISTENER = "listener", "Event listener"
+        WORKER = "worker", "Worker"
+        SYSTEM = "system", "System"
+
+    class Result(models.TextChoices):
+        OK = "ok", "Done"
+        REFUSED = "refused", "Refused"
+        FAILED = "failed", "Failed"
+
+    created = models.DateTimeField(auto_now_add=True, db_index=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        db_constraint=False,
+    )
+    actor_name = models.CharField(max_length=150, blank=True)
+    channel = models.CharField(max_length=10, choices=Channel, db_index=True)
+    token = models.ForeignKey(
+        ApiToken,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        db_constraint=False,
+    )
+    token_name = models.CharField(max_length=100, blank=True)
+    source_ip = models.GenericIPAddressField(null=True, blank=True)
+    action = models.CharField(max_length=40, db_index=True)
+    object_type = models.CharField(max_length=40, blank=True)
+    object_id = models.CharField(max_length=64, blank=True)
+    object_repr = models.CharField(max_length=200, blank=True)
+    changes = models.JSONField(default=dict, blank=True, help_text="{field: [before, after]}")
+    result = models.CharField(max_length=8, choices=Result, default=Result.OK)
+    detail = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created", "-id"]
+        indexes = [models.Index(fields=["object_type", "object_id"])]
+
+    def __str__(self) -> str:
+        return f"{self.action} by {self.actor_name or self.channel} ({self.result})"

@@ -24,6 +24,7 @@ RECONCILE = "provisioning.reconcile"
 RECONCILE_HOST = "provisioning.reconcile_host"
 SCHEDULED_REBUILD = "provisioning.scheduled_rebuild"
 LOOK_FOR_ADDRESSES = "provisioning.look_for_addresses"
+PRUNE_AUDIT = "provisioning.prune_audit"
 NAMES = frozenset(
     {
         ADVANCE_REQUEST,
@@ -34,6 +35,7 @@ NAMES = frozenset(
         RECONCILE_HOST,
         SCHEDULED_REBUILD,
         LOOK_FOR_ADDRESSES,
+        PRUNE_AUDIT,
     }
 )
 

@@ -16,7 +16,15 @@ from django.conf import settings
 from provisioning import queue
 from provisioning.hypervisor.errors import Busy, ConnectionLost
 from provisioning.models import Host
-from provisioning.services import actions, addresses, events, migrate, provision, schedules
+from provisioning.services import (
+    actions,
+    addresses,
+    audit,
+    events,
+    migrate,
+    provision,
+    schedules,
+)
 
 log = logging.getLogger(__name__)
 # Passing failures: the task runs again later, with backoff.
@@ -79,3 +87,14 @@ def scheduled_rebuild(schedule_id: int) -> None:
 def run_migration(job_id: int) -> None:
     """Migrate a guest to another host (runs on the source host's queue)."""
     migrate.run_migration(job_id)
+
+
+@shared_task(name=queue.PRUNE_AUDIT)
+def prune_audit() -> dict[str, int]:
+    """Remove audit rows past the retention period and Idempotency-Keys past theirs (beat)."""
+    gone = {
+        "audit_events": audit.prune(days=settings.AUDIT_RETENTION_DAYS),
+        "idempotency_keys": audit.prune_idempotency_keys(hours=settings.API_IDEMPOTENCY_HOURS),
+    }
+    log.info("pruned %(audit_events)d audit rows, %(idempotency_keys)d idempotency keys", gone)
+    return gone

@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+import csv
+import json
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
 from django.core.paginator import Paginator
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.db.models import Q, QuerySet
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from . import health, selectors
-from .forms import NewGuestForm, SshKeyForm
-from .models import ConsoleSession, Guest, GuestTemplate, Host, Job, RebuildSchedule, SshKey
+from .forms import ApiTokenForm, AuditFilterForm, NewGuestForm, SshKeyForm
+from .models import (
+    ApiToken,
+    AuditEvent,
+    ConsoleSession,
+    Guest,
+    GuestTemplate,
+    Host,
+    Job,
+    RebuildSchedule,
+    SshKey,
+)
 from .services import (
     actions,
     answer_files,
@@ -24,6 +40,7 @@ from .services import (
     migrate,
     provision,
     schedules,
+    tokens,
     transitions,
 )
 
@@ -395,3 +412,162 @@ def answer_file(request: HttpRequest, token: str) -> HttpResponse:
     except answer_files.AnswerGone as gone:
         return HttpResponse(f"{gone.reason}\n", status=gone.status, content_type="text/plain")
     return HttpResponse(content, content_type="text/plain; charset=utf-8")
+
+
+# --- profile: API tokens ---
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+@never_cache
+def api_tokens(request: HttpRequest) -> HttpResponse:
+    """The user's API tokens and a form to make one; a new token is shown on this answer only."""
+    owner = _user(request)
+    form = ApiTokenForm(request.POST or None)
+    made = None
+    if request.method == "POST" and form.is_valid():
+        try:
+            made = tokens.token_create(
+                user=owner,
+                name=form.cleaned_data["name"],
+                scope=form.cleaned_data["scope"],
+                days=form.cleaned_data["days"],
+            )
+        except tokens.TokenError as exc:
+            form.add_error(exc.field if exc.field in form.fields else None, str(exc))
+        else:
+            form = ApiTokenForm()
+    # The secret is rendered here and kept nowhere: no redirect, no message, no session.
+    context = {"form": form, "made": made, "tokens": owner.api_tokens.all(), "now": timezone.now()}
+    status = 400 if request.method == "POST" and made is None else 200
+    return render(request, "provisioning/api_tokens.html", context, status=status)
+
+
+@login_required
+@require_POST
+def api_token_revoke(request: HttpRequest, pk: int) -> HttpResponse:
+    """Revoke one of the user's tokens: it stops working at once."""
+    try:
+        token = tokens.token_revoke(user=_user(request), token_id=pk)
+    except ApiToken.DoesNotExist:
+        raise Http404("No such token") from None
+    messages.success(request, f"Revoked the token {token.name}.")
+    return redirect("api-tokens")
+
+
+# --- staff: the audit log ---
+
+AUDIT_CSV_COLUMNS = (
+    "created",
+    "actor",
+    "channel",
+    "token",
+    "source_ip",
+    "action",
+    "object_type",
+    "object_id",
+    "object_repr",
+    "result",
+    "changes",
+    "detail",
+)
+_AUDIT_CSV_FIELDS = (
+    "created",
+    "actor_name",
+    "channel",
+    "token_name",
+    "source_ip",
+    "action",
+    "object_type",
+    "object_id",
+    "object_repr",
+    "result",
+    "changes",
+    "detail",
+    "id",
+)
+AUDIT_CSV_CHUNK = 1000
+# A spreadsheet runs a cell that starts with one of these as a formula.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _staff_only(request: HttpRequest) -> None:
+    if not request.user.is_staff:
+        raise Http404("No such page")
+
+
+@login_required
+@require_GET
+@never_cache
+def audit_log(request: HttpRequest) -> HttpResponse:
+    """Staff: the audit log, newest first, narrowed by the filters, 50 rows a page."""
+    _staff_only(request)
+    form = AuditFilterForm(request.GET)
+    valid = form.is_valid()
+    page = Paginator(form.events() if valid else AuditEvent.objects.none(), PAGE_SIZE).get_page(
+        request.GET.get("page")
+    )
+    name = _partial(request, "provisioning/audit.html", "audit-table")
+    return render(request, name, {"form": form, "page": page}, status=200 if valid else 400)
+
+
+@login_required
+@require_GET
+@never_cache
+def audit_export(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
+    """Staff: the rows the filters select, as CSV, streamed."""
+    _staff_only(request)
+    form = AuditFilterForm(request.GET)
+    if not form.is_valid():
+        problems = "; ".join(
+            f"{name}: {' '.join(str(m) for m in errors)}" for name, errors in form.errors.items()
+        )
+        return HttpResponse(f"{problems}\n", status=400, content_type="text/plain")
+    response = StreamingHttpResponse(_audit_csv(form.events()), content_type="text/csv")
+    stamp = timezone.now().strftime("%Y%m%d-%H%M%S")
+    response["Content-Disposition"] = f'attachment; filename="audit-{stamp}.csv"'
+    return response
+
+
+class _Echo:
+    """csv.writer's file: each row written comes back as the string."""
+
+    def write(self, value: str) -> str:
+        return value
+
+
+def _csv_cell(value: Any) -> str:
+    text = "" if value is None else str(value)
+    return f"'{text}" if text.startswith(_FORMULA_STARTS) else text
+
+
+def _csv_row(values: Sequence[Any]) -> list[str]:
+    created, *middle, changes, detail = values
+    return [
+        created.isoformat(),
+        *(_csv_cell(v) for v in middle),
+        _csv_cell(json.dumps(changes, ensure_ascii=False, sort_keys=True) if changes else ""),
+        _csv_cell(detail),
+    ]
+
+
+def _rows(rows: QuerySet[Any, tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    return list(rows)
+
+
+async def _audit_csv(events: QuerySet[AuditEvent]) -> AsyncIterator[str]:
+    """The header, then the rows a chunk (one query) at a time, resuming after the last."""
+    writer = csv.writer(_Echo())
+    yield writer.writerow(AUDIT_CSV_COLUMNS)
+    rows = events.values_list(*_AUDIT_CSV_FIELDS)
+    after: Q | None = None
+    while True:
+        chunk = rows.filter(after) if after is not None else rows
+        got = await sync_to_async(_rows)(chunk[:AUDIT_CSV_CHUNK])
+        for values in got:
+            yield writer.writerow(_csv_row(values[:-1]))
+        if len(got) < AUDIT_CSV_CHUNK:
+            return
+        # The order is (-created, -id): the next chunk is what comes after the last row.
+        created, pk = got[-1][0], got[-1][-1]
+        after = Q(created__lt=created) | Q(created=created, id__lt=pk)

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from celery import Celery, bootsteps
+from celery.signals import worker_process_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "vmportal.settings")
 
@@ -47,3 +48,11 @@ class WorkerHeartbeat(bootsteps.StartStopStep):
 
 
 app.steps["worker"].add(WorkerHeartbeat)
+
+
+@worker_process_init.connect
+def _audit_as_worker(**_: Any) -> None:
+    """Rows a worker's tasks write outside a schedule or reconcile are the worker's."""
+    from provisioning.services import audit
+
+    audit.set_process_channel(audit.Channel.WORKER)

@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import environ
+from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -74,6 +75,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "provisioning.middleware.AuditOriginMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
@@ -207,8 +209,23 @@ CLOUD_CONFIG_SCHEMA = Path(
         default=str(BASE_DIR / "var" / "cloud-init" / "schema-cloud-config-v1.json"),
     )
 )
+# The API (/api/v1/): personal tokens live at most this many days; each token (or browser
+# session) may make this many calls a minute, then gets 429 with Retry-After.
+API_TOKEN_MAX_DAYS = env.int("VMPORTAL_API_TOKEN_MAX_DAYS", default=365)
+API_RATE_PER_MINUTE = env.int("VMPORTAL_API_RATE_PER_MINUTE", default=600)
+API_PAGE_SIZE_MAX = 200
+# Idempotency-Key rows are kept this long: a retry after that makes a new request.
+API_IDEMPOTENCY_HOURS = env.int("VMPORTAL_API_IDEMPOTENCY_HOURS", default=24)
+# Audit rows older than this are pruned daily.
+AUDIT_RETENTION_DAYS = env.int("VMPORTAL_AUDIT_RETENTION_DAYS", default=365)
 CELERY_BEAT_SCHEDULE = {
     "reconcile": {"task": "provisioning.reconcile", "schedule": RECONCILE_EVERY},
+    # Daily, at a quiet hour; a day it is missed, the next run removes both days' rows.
+    "prune-audit": {
+        "task": "provisioning.prune_audit",
+        "schedule": crontab(hour=3, minute=17),
+        "options": {"expires": 6 * 3600},
+    },
 }
 
 if PRODUCTION:

@@ -12,7 +12,7 @@ from provisioning.hypervisor import operations
 from provisioning.hypervisor.connection import get_hypervisor
 from provisioning.hypervisor.types import DomainInfo, GuestState
 from provisioning.models import Guest, Host, Job, ProvisioningRequest
-from provisioning.services import actions, addresses, provision
+from provisioning.services import actions, addresses, audit, provision
 from provisioning.services.guests import guest_agrees, guest_sync_state
 
 log = logging.getLogger(__name__)
@@ -75,15 +75,34 @@ def domain_changed(*, host: Host, uuid: str, info: DomainInfo | None = None) -> 
     info = _explained(guest, info)
     was_running = guest.state == Guest.State.RUNNING
     if not guest_agrees(guest, info):
+        before = guest.state
         guest_sync_state(host=host, info=info, guest=guest)
+        _record_seen(guest, before, info)
     if info.state == GuestState.RUNNING and not was_running:
         addresses.watch_after_start(guest, host)  # started behind the portal's back
     if not info.active:
         actions.job_domain_stopped(guest, info)
 
 
+def _record_seen(guest: Guest, before: str, info: DomainInfo) -> None:
+    """Audit a change libvirt reported that no job of the portal made (inside, or virsh)."""
+    if before == info.state.value:
+        return
+    audit.record(
+        "guest.state",
+        guest,
+        changes={"state": (before, info.state.value)},
+        detail=info.reason or "",
+    )
+
+
 def reconcile_host(host: Host) -> dict[str, int]:
     """One pass over a host: every domain in one call, then rows, requests and jobs made true."""
+    with audit.acting(audit.Channel.RECONCILE):
+        return _reconcile_host(host)
+
+
+def _reconcile_host(host: Host) -> dict[str, int]:
     hv = get_hypervisor(host.uri)
     domains = {d.uuid: d for d in operations.list_domains(hv)}
     migrating = Job.objects.filter(kind=Job.Kind.MIGRATE, status__in=Job.ACTIVE)
@@ -128,8 +147,11 @@ def reconcile_host(host: Host) -> dict[str, int]:
         info = _explained(guest, domains.get(uuid, DomainInfo.undefined(uuid)))
         if guest.state == Guest.State.UNDEFINED and not info.exists:
             continue
+        before = guest.state
         if guest_sync_state(host=host, info=info):
             synced += 1
+            if before != info.state.value:
+                _record_seen(guest, before, info)
     stale_after = settings.STALE_STEP_SECONDS
     provision.reconcile_requests(host, domains, stale_after=stale_after)
     actions.reconcile_jobs(hv, guests, domains, stale_after=stale_after)

@@ -7,6 +7,7 @@ from django.db import IntegrityError, transaction
 
 from provisioning import sshkeys
 from provisioning.models import SshKey
+from provisioning.services import audit
 
 NAME_MAX = SshKey._meta.get_field("name").max_length or 100
 
@@ -35,9 +36,11 @@ def ssh_key_add(*, owner: User, name: str, text: str) -> SshKey:
     try:
         with transaction.atomic():
             _refuse_duplicates(owner, name, key.fingerprint)
-            return SshKey.objects.create(
+            made = SshKey.objects.create(
                 owner=owner, name=name, public_key=key.line, fingerprint=key.fingerprint
             )
+            audit.record("ssh_key.add", made, by=owner, changes={"name": (None, name)})
+            return made
     except IntegrityError:
         # Added by a concurrent request between the check and the insert: say which clashes.
         _refuse_duplicates(owner, name, key.fingerprint)
@@ -59,5 +62,29 @@ def ssh_key_remove(*, owner: User, key_id: int) -> SshKey:
     Guests that have the key keep it: their keys were copied when they were asked for.
     """
     key = SshKey.objects.get(owner=owner, pk=key_id)
-    key.delete()
+    with transaction.atomic():
+        audit.record("ssh_key.remove", key, by=owner)
+        key.delete()
+    return key
+
+
+def ssh_key_rename(*, owner: User, key_id: int, name: str) -> SshKey:
+    """Give one of the owner's keys another name (SshKey.DoesNotExist when it is not theirs)."""
+    name = " ".join(name.split())
+    if not name:
+        raise SshKeyError("name", "Give the key a name.")
+    if len(name) > NAME_MAX:
+        raise SshKeyError("name", f"Use at most {NAME_MAX} characters.")
+    key = SshKey.objects.get(owner=owner, pk=key_id)
+    if key.name == name:
+        return key
+    try:
+        with transaction.atomic():
+            before = key.name
+            key.name = name
+            key.save(update_fields=["name"])
+            audit.record("ssh_key.rename", key, by=owner, changes={"name": (before, name)})
+    except IntegrityError:
+        taken = f"You have a key named “{name}” already; pick another name."
+        raise SshKeyError("name", taken) from None
     return key

@@ -15,7 +15,7 @@ from provisioning.hypervisor.connection import get_hypervisor
 from provisioning.hypervisor.errors import HypervisorError
 from provisioning.hypervisor.types import DomainInfo
 from provisioning.models import Guest, Host, Job, ProvisioningRequest, StoragePool
-from provisioning.services import placement, transitions
+from provisioning.services import audit, placement, transitions
 from provisioning.services.guests import guest_sync_state
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,17 @@ def migration_start(
 
     bandwidth_mib caps the transfer (MiB/s), e.g. to spare a busy network; None: no cap.
     """
+    try:
+        job = _migration_start(guest=guest, by=by, dest=dest, bandwidth_mib=bandwidth_mib)
+    except (MigrationRefused, transitions.GuestBusy) as exc:
+        audit.refused("guest.migrate", guest, str(exc), by=by)
+        raise
+    return job
+
+
+def _migration_start(
+    *, guest: Guest, by: User | None, dest: Host | None, bandwidth_mib: int | None
+) -> Job:
     if bandwidth_mib is not None and bandwidth_mib <= 0:
         raise MigrationRefused(f"the bandwidth cap must be positive, not {bandwidth_mib} MiB/s")
     # First: a guest being installed is not persistent yet, and "transient" would mislead.
@@ -97,6 +108,13 @@ def migration_start(
             data=data,
             note=f"{'Live' if live else 'Offline'} migration from {source} to {dest} requested",
         )
+        audit.record(
+            "guest.migrate",
+            guest,
+            by=by,
+            changes={"host": (source.name, dest.name)},
+            detail=f"{'live' if live else 'offline'}, job #{job.pk}",
+        )
         queue.send_on_commit(queue.RUN_MIGRATION, job.pk, queue=source.queue)
     return job
 
@@ -124,11 +142,16 @@ def _choose_destination(guest: Guest) -> Host:
 def migration_cancel(*, job: Job) -> bool:
     """Ask a running migration to stop (the worker aborts the libvirt job); False if too late."""
     data = {**job.data, "cancel": True}
-    return bool(
+    asked = bool(
         Job.objects.filter(pk=job.pk, kind=Job.Kind.MIGRATE, status__in=Job.ACTIVE).update(
             data=data
         )
     )
+    if asked:
+        audit.record("job.cancel", job, detail=f"migration of {job.guest}")
+    else:
+        audit.refused("job.cancel", job, "the migration has already ended")
+    return asked
 
 
 def _cancel_requested(job_id: int) -> bool:

@@ -13,7 +13,7 @@ from django_celery_beat.models import CrontabSchedule, IntervalSchedule, Periodi
 
 from provisioning import queue
 from provisioning.models import Guest, RebuildSchedule, ScheduleRun
-from provisioning.services import provision, transitions
+from provisioning.services import audit, provision, transitions
 
 log = logging.getLogger(__name__)
 TASK = queue.SCHEDULED_REBUILD
@@ -79,23 +79,50 @@ def schedule_create(
         task.name = f"Rebuild {guest.name} ({guest.uuid}) #{schedule.pk}: {what}"
         task.kwargs = json.dumps({"schedule_id": schedule.pk})
         task.save(update_fields=["name", "kwargs"])
+        audit.record(
+            "schedule.create",
+            schedule,
+            by=by,
+            changes={
+                "guest": (None, str(guest.uuid)),
+                "when": (None, what),
+                "source": (None, schedule.source),
+                "enabled": (None, enabled),
+                "keep_data_disk": (None, keep_data_disk),
+            },
+        )
     return schedule
 
 
 def schedule_set_enabled(*, schedule: RebuildSchedule, enabled: bool) -> None:
     """Turn a schedule on or off."""
     task = schedule.periodic_task
-    task.enabled = enabled
-    task.save(update_fields=["enabled"])
+    before = task.enabled
+    with transaction.atomic():
+        task.enabled = enabled
+        task.save(update_fields=["enabled"])
+        if before != enabled:
+            audit.record(
+                "schedule.enable" if enabled else "schedule.disable",
+                schedule,
+                changes={"enabled": (before, enabled)},
+            )
 
 
 def schedule_delete(*, schedule: RebuildSchedule) -> None:
     """Remove a schedule and its periodic task."""
-    schedule.periodic_task.delete()
+    with transaction.atomic():
+        audit.record("schedule.delete", schedule, detail=schedule.periodic_task.name)
+        schedule.periodic_task.delete()
 
 
 def schedule_fire(schedule_id: int) -> ScheduleRun | None:
     """One firing: start the rebuild, or record why it was skipped."""
+    with audit.acting(audit.Channel.SCHEDULE):
+        return _schedule_fire(schedule_id)
+
+
+def _schedule_fire(schedule_id: int) -> ScheduleRun | None:
     schedule = (
         RebuildSchedule.objects.select_related("guest__template", "guest__host", "periodic_task")
         .filter(pk=schedule_id)

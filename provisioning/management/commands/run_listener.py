@@ -16,7 +16,7 @@ from provisioning import queue
 from provisioning.hypervisor.errors import HypervisorError
 from provisioning.hypervisor.events import EventListener, LifecycleEvent
 from provisioning.models import Host
-from provisioning.services import addresses, consoles, events
+from provisioning.services import addresses, audit, consoles, events
 from provisioning.services.hosts import host_ensure_local
 from vmportal import heartbeat
 
@@ -90,7 +90,8 @@ class Command(BaseCommand):
                         host=host, uuid=event.uuid, connected=event.detail == "connected"
                     )
                     return
-                events.domain_changed(host=host, uuid=event.uuid)
+                with audit.acting(audit.Channel.LISTENER):
+                    events.domain_changed(host=host, uuid=event.uuid)
             except HypervisorError as exc:
                 log.warning("%s: cannot apply %s of %s: %s", host, event.event, event.uuid, exc)
 

@@ -15,7 +15,7 @@ from provisioning.hypervisor import operations, storage
 from provisioning.hypervisor.connection import get_hypervisor
 from provisioning.hypervisor.types import DomainInfo, GuestState
 from provisioning.models import Guest, Host, Job, ProvisioningRequest
-from provisioning.services import transitions
+from provisioning.services import audit, transitions
 from provisioning.services.guests import guest_sync_state
 from provisioning.services.provision.spec import StepFailed, load_request, plan_of
 
@@ -93,16 +93,24 @@ def fail(request_id: int, error: str) -> None:
 
 def cancel(request_id: int) -> None:
     """Cancel a request in any non-final status; cleanup is queued on its host."""
-    with transaction.atomic():
-        transitions.request_move(
-            request_id,
-            expected=ProvisioningRequest.ACTIVE,
-            to=Status.CANCELLED,
-            note="Cancelled by user",
-            cleanup_pending=True,
-        )
-        host = Host.objects.get(requests__pk=request_id)
-        queue.send_on_commit(queue.CLEANUP_REQUEST, request_id, queue=host.queue)
+    request = ProvisioningRequest.objects.select_related("host").get(pk=request_id)
+    try:
+        with transaction.atomic():
+            transitions.request_move(
+                request_id,
+                expected=ProvisioningRequest.ACTIVE,
+                to=Status.CANCELLED,
+                note="Cancelled by user",
+                cleanup_pending=True,
+            )
+            audit.record(
+                "request.cancel", request, changes={"status": (request.status, Status.CANCELLED)}
+            )
+            assert request.host is not None
+            queue.send_on_commit(queue.CLEANUP_REQUEST, request_id, queue=request.host.queue)
+    except transitions.TransitionError as exc:
+        audit.refused("request.cancel", request, str(exc))
+        raise
 
 
 def cleanup(request_id: int) -> None:

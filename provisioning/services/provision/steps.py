@@ -34,7 +34,7 @@ from provisioning.hypervisor.errors import (
 )
 from provisioning.hypervisor.types import DomainInfo, GuestState
 from provisioning.models import GuestTemplate, ProvisioningRequest
-from provisioning.services import addresses, quotas, transitions
+from provisioning.services import addresses, audit, quotas, transitions
 from provisioning.services.guests import guest_sync_state
 from provisioning.services.provision.ending import cleanup, fail, request_domain_stopped
 from provisioning.services.provision.spec import Plan, StepFailed, load_request, plan_of
@@ -149,9 +149,11 @@ def _admit(run: Run) -> None:
     with transaction.atomic():
         quotas.quota_lock(run.request.owner)
         problem = quotas.quota_problem(run.request)
-        if problem:
-            raise StepFailed(problem)
-        run.move(Status.PENDING, Status.ADMITTED, "Admitted within quota")
+        if not problem:
+            run.move(Status.PENDING, Status.ADMITTED, "Admitted within quota")
+    if problem:
+        audit.refused("request.admit", run.request, problem, by=run.request.owner)
+        raise StepFailed(problem)
 
 
 def _stop_for_rebuild(run: Run) -> None:

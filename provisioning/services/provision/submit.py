@@ -27,7 +27,7 @@ from provisioning.models import (
     answer_base,
     answer_url_length,
 )
-from provisioning.services import placement, transitions
+from provisioning.services import audit, placement, transitions
 from provisioning.services.hosts import host_ensure_local
 
 Status = ProvisioningRequest.Status
@@ -141,6 +141,16 @@ def request_submit(
     *, owner: User, template: GuestTemplate, overrides: Overrides
 ) -> ProvisioningRequest:
     """Record a request (with its guest row and job) and queue its first step after commit."""
+    try:
+        return _request_submit(owner=owner, template=template, overrides=overrides)
+    except SubmitError as exc:
+        audit.refused("request.create", template, str(exc), by=owner, object_repr=overrides.name)
+        raise
+
+
+def _request_submit(
+    *, owner: User, template: GuestTemplate, overrides: Overrides
+) -> ProvisioningRequest:
     if not template.enabled:
         raise SubmitError({"template": "This template is not offered any more."})
     values = checked(template, overrides)
@@ -186,6 +196,17 @@ def request_submit(
             )
             if template.answer_file.strip():
                 answer_file_make(request=request, guest=guest, template=template)
+            audit.record(
+                "request.create",
+                request,
+                by=owner,
+                changes={
+                    "guest": (None, str(guest.uuid)),
+                    "template": (None, f"{template.name} v{template.version}"),
+                    "host": (None, host.name),
+                    **{k: (None, v) for k, v in values.items() if v},
+                },
+            )
             queue.send_on_commit(queue.ADVANCE_REQUEST, request.pk, queue=host.queue)
     except IntegrityError as exc:
         raise taken from exc
@@ -248,6 +269,16 @@ def rebuild_submit(
     The system disk is always made anew; the data disk (if the guest has one) is kept as it is,
     or made anew and empty when keep_data_disk is false.
     """
+    try:
+        return _rebuild_submit(guest=guest, by=by, latest=latest, keep_data_disk=keep_data_disk)
+    except (SubmitError, transitions.GuestBusy) as exc:
+        audit.refused("guest.rebuild", guest, str(exc), by=by)
+        raise
+
+
+def _rebuild_submit(
+    *, guest: Guest, by: User | None, latest: bool, keep_data_disk: bool
+) -> ProvisioningRequest:
     template = guest.template
     if template is None:
         raise SubmitError({"template": f"{guest.name} was not made from a template."})
@@ -295,5 +326,12 @@ def rebuild_submit(
         Guest.objects.filter(pk=guest.pk).update(template_version=version)
         if template.answer_file.strip():
             answer_file_make(request=request, guest=guest, template=template)
+        audit.record(
+            "guest.rebuild",
+            guest,
+            by=by,
+            changes={"template_version": (guest.template_version, version)},
+            detail=f"request #{request.pk}{data}",
+        )
         queue.send_on_commit(queue.ADVANCE_REQUEST, request.pk, queue=guest.host.queue)
     return request
