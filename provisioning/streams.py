@@ -29,7 +29,7 @@ P = ParamSpec("P")
 Render = Callable[[bytes | None], Awaitable[list[tuple[str, str]]]]
 
 
-def _in_thread(fn: Callable[P, T]) -> Callable[P, Awaitable[T]]:
+def in_thread(fn: Callable[P, T]) -> Callable[P, Awaitable[T]]:
     """Run fn in the request's thread, then hand that thread's database connection back.
 
     A stream lives for minutes in a thread of its own; holding a connection all that time ran
@@ -51,7 +51,7 @@ def _frame(event: str, html: str) -> bytes:
     return f"event: {event}\n{lines}\n".encode()
 
 
-async def _stream(
+async def sse_stream(
     channels: list[str], render: Render, *, final: Callable[[], Any] | None = None
 ) -> AsyncIterator[bytes]:
     """Send the rendered partial now and after every message on `channels`, until final."""
@@ -124,7 +124,7 @@ async def _render_once(key: str, message: bytes, make: Callable[[], Awaitable[T]
     return result
 
 
-def _sse(stream: AsyncIterator[bytes]) -> StreamingHttpResponse:
+def sse_response(stream: AsyncIterator[bytes]) -> StreamingHttpResponse:
     response = StreamingHttpResponse(stream, content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
@@ -141,7 +141,7 @@ def request_events(request: HttpRequest, pk: int) -> StreamingHttpResponse:
     token = get_token(request)
     done = req.is_final
 
-    @_in_thread
+    @in_thread
     def render_shared() -> tuple[str, bool]:
         # Nothing of the watcher goes in, so every watcher can be sent this one render.
         fresh = ProvisioningRequest.objects.select_related("template", "host", "guest").get(pk=pk)
@@ -160,7 +160,7 @@ def request_events(request: HttpRequest, pk: int) -> StreamingHttpResponse:
     async def final() -> bool:
         return done
 
-    return _sse(_stream(channels, render, final=final))
+    return sse_response(sse_stream(channels, render, final=final))
 
 
 @login_required
@@ -168,7 +168,7 @@ def guest_events(request: HttpRequest, uuid: str) -> StreamingHttpResponse:
     """The guest page's live state, actions and jobs (htmx SSE)."""
     guest = get_object_or_404(selectors.guests_of(request.user), uuid=uuid)
 
-    @_in_thread
+    @in_thread
     def render(_message: bytes | None) -> list[tuple[str, str]]:
         fresh = Guest.objects.select_related("host", "template", "owner").get(pk=guest.pk)
         html = render_to_string(
@@ -178,7 +178,7 @@ def guest_events(request: HttpRequest, uuid: str) -> StreamingHttpResponse:
         )
         return [("status", html)]
 
-    return _sse(_stream([guest_channel(guest.uuid)], render))
+    return sse_response(sse_stream([guest_channel(guest.uuid)], render))
 
 
 @login_required
@@ -188,7 +188,7 @@ def dashboard_events(request: HttpRequest) -> StreamingHttpResponse:
     channel = GUESTS if owner_id is None else owner_channel(owner_id)
     last: dict[str, str] = {}
 
-    @_in_thread
+    @in_thread
     def render(_message: bytes | None) -> list[tuple[str, str]]:
         # Every row on connecting (the page may be older than the stream), then only rows whose
         # state changed since the last look.
@@ -211,4 +211,4 @@ def dashboard_events(request: HttpRequest) -> StreamingHttpResponse:
                 changed.append((f"addr-{uuid}", html))
         return changed
 
-    return _sse(_stream([channel], render))
+    return sse_response(sse_stream([channel], render))
