@@ -4,7 +4,7 @@ PORT ?= 8000
 export LIBVIRT_URI ?= qemu:///system
 PY := .venv/bin/python
 
-.PHONY: run test lint setup setup-test services prepare bench fmt clean demo-debian
+.PHONY: run test lint setup setup-test services prepare bench fuzz fmt clean demo-debian
 
 run: setup services prepare
 	@echo "vmportal: open http://127.0.0.1:$(PORT)/ (log in as admin); Ctrl-C stops everything"
@@ -53,6 +53,16 @@ bench: setup-test
 	LIBVIRT_URI=test+unix:///default scripts/ensure-libvirtd.sh
 	$(PY) manage.py collectstatic --noinput -v0
 	$(PY) -m bench.run $(if $(filter 1 yes true,$(QUICK)),--quick)
+
+# The long contract-fuzzing pass of the REST API (schemathesis against the live web server,
+# tests/support/fuzz.py): FUZZ_REQUESTS requests (10,000 by default); the counts are printed
+# and written to test-artifacts/fuzz.json. FUZZ_SEED=<the seed it printed> repeats a run.
+FUZZ_REQUESTS ?= 10000
+fuzz: setup-test
+	scripts/ensure-libvirtd.sh
+	LIBVIRT_URI=test+unix:///default scripts/ensure-libvirtd.sh
+	mkdir -p test-artifacts
+	FUZZ_REQUESTS=$(FUZZ_REQUESTS) $(PY) -m pytest tests/api/test_fuzz.py -k long -p no:cacheprovider -s -q $(ARGS)
 
 clean:
 	rm -rf .venv node_modules static/vendor var/staticfiles

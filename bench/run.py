@@ -93,6 +93,18 @@ FIGURES = [
     Figure("waiting_rss_kb_per_install", "500 waiting: RSS per install", "KB", 50),
     Figure("list_10k_p95_ms", "guest list, 10,000 guests, p95", "ms", 50),
     Figure("list_10k_queries", "guest list, 10,000 guests, queries", "queries", 10),
+    Figure("api_guest_list_p95_ms", "API GET /guests?limit=50, 10,000 guests, p95", "ms", 50),
+    Figure("api_guest_list_queries", "API GET /guests?limit=50, queries", "queries", 10),
+    Figure(
+        "api_create_vs_page",
+        "install through the API, POST to running",
+        "ratio",
+        1.05,
+        portal="api_create_to_running_s",
+        anchor="api_create_page_median_s",
+        anchor_label="the new-guest form",
+    ),
+    Figure("api_create_to_running_s", "install through the API, POST to running", "s", 60),
     Figure(
         "console_echo_vs_virsh",
         "keystroke in xterm.js to its echo in the terminal, p95",
@@ -111,31 +123,34 @@ FIGURES = [
 # installs, which stay until the end.
 BENCHMARKS = [
     "install",
+    "api_install",
     "debian",
     "throughput",
     "event_to_dom",
     "console",
     "sse",
     "list",
+    "api_list",
     "waiting",
 ]
 
 
 def _benchmark(name: str) -> Callable[[Any], dict[str, Any]]:
-    from bench import browser, console, debian, install, listing, sse, throughput, waiting
+    from bench import api, browser, console, debian, install, listing, sse, throughput, waiting
 
-    modules: dict[str, Any] = {
-        "install": install,
-        "debian": debian,
-        "console": console,
-        "throughput": throughput,
-        "event_to_dom": browser,
-        "sse": sse,
-        "list": listing,
-        "waiting": waiting,
+    runs: dict[str, Callable[[Any], dict[str, Any]]] = {
+        "install": install.run,
+        "api_install": api.install_run,
+        "debian": debian.run,
+        "console": console.run,
+        "throughput": throughput.run,
+        "event_to_dom": browser.run,
+        "sse": sse.run,
+        "list": listing.run,
+        "api_list": api.list_run,
+        "waiting": waiting.run,
     }
-    run: Callable[[Any], dict[str, Any]] = modules[name].run
-    return run
+    return runs[name]
 
 
 def _command(argv: list[str]) -> str:
@@ -321,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
                 "throughput_guests_per_run": details.get("throughput_guests_per_run"),
                 "waiting_suspends": len(details.get("waiting_suspend_delays_ms", [])),
                 "list_requests": len(details.get("list_10k_http_ms", [])),
+                "api_install": details.get("api_create_runs"),
+                "api_list_requests": len(details.get("api_guest_list_staff_ms", []))
+                + len(details.get("api_guest_list_owner_ms", [])),
                 "event_to_dom_samples": details.get("event_to_dom_samples"),
                 "sse_samples": details.get("sse_samples"),
             },
