@@ -97,10 +97,22 @@ def parse_cloud_config(
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise CloudConfigError(f"It is not valid YAML{where}: {problem}.") from None
+    except RecursionError:
+        raise CloudConfigError("It nests lists or mappings too deeply to read.") from None
+    except ValueError as exc:
+        # PyYAML's constructors: an integer past Python's digit limit, a date that is none.
+        raise CloudConfigError(f"It has a value YAML cannot read: {exc}.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise CloudConfigError(f"It must be a mapping of keys to values, not a {_kind(data)}.")
+    try:
+        json.dumps(data, default=str)
+    except (ValueError, RecursionError):
+        # An alias inside its own anchor (`&a {x: *a}`): a value that contains itself.
+        raise CloudConfigError(
+            "It refers to itself (a YAML alias inside its own anchor)."
+        ) from None
     problems = schema_problems(data, schema)
     if problems:
         raise CloudConfigError("It does not match cloud-init's schema: " + "; ".join(problems))

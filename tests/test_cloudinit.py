@@ -39,6 +39,9 @@ def test_it_reads_a_cloud_config_with_or_without_its_first_line(schema) -> None:
         ("Content-Type: multipart/mixed\n", "a MIME multipart message"),
         ("#include\nhttp://example.invalid/a\n", "does not allow fetching URLs"),
         ("phone_home: {url: 'http://example.invalid/'}\n", "phone_home make the guest fetch"),
+        ("runcmd: &a [*a]\n", "refers to itself"),
+        ("runcmd: " + "[" * 20000 + "]" * 20000 + "\n", "nests lists or mappings too deeply"),
+        ("runcmd: [2001-13-45]\n", "a value YAML cannot read"),
     ],
 )
 def test_it_refuses_what_cloud_init_could_not_use_or_the_template_forbids(

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +20,8 @@ from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation, TooManyFieldsSent
 from django.http import Http404, HttpRequest, HttpResponse
+from django.urls import re_path
+from django.views.decorators.csrf import csrf_exempt
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, AuthorizationError, HttpError, ValidationError
 from ninja.responses import NinjaJSONEncoder
@@ -181,21 +186,29 @@ def require_staff(request: HttpRequest) -> None:
 # --- rate limits ---
 
 _redis: redis.Redis | None = None
+_redis_made = threading.Lock()
+
+
+def _rates() -> redis.Redis:
+    """The one client of this process (made once: a client another thread replaced would be
+    collected, closing the connection the first thread still reads from)."""
+    global _redis
+    with _redis_made:
+        if _redis is None:
+            _redis = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=1)
+        return _redis
 
 
 def _limit(request: HttpRequest, key: str) -> None:
     """Count the call in this minute's window (Redis); 429 with Retry-After past the limit."""
-    global _redis
     most = settings.API_RATE_PER_MINUTE
     if most <= 0:
         return
     now = time.time()
     window = int(now // 60)
-    if _redis is None:
-        _redis = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=1)
     name = f"vmportal:api-rate:{key}:{window}"
     try:
-        pipe = _redis.pipeline()
+        pipe = _rates().pipeline()
         pipe.incr(name)
         pipe.expire(name, 120)
         count = int(pipe.execute()[0])
@@ -329,7 +342,10 @@ api = Api(
 def _field_errors(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
     out = []
     for error in errors:
-        loc = [str(part) for part in error.get("loc", ()) if part not in ("body", "payload")]
+        # The parameter's own name: "cursor", not "query.cursor"; "name", not "body.payload.name".
+        loc = [str(part) for part in error.get("loc", ())]
+        while loc and loc[0] in ("body", "payload", "query", "path", "header", "cookie"):
+            loc.pop(0)
         out.append({"field": ".".join(loc) or "body", "message": str(error.get("msg", ""))})
     return out
 
@@ -389,3 +405,39 @@ def _refused_request(request: HttpRequest, exc: SuspiciousOperation) -> HttpResp
         str(exc), extra={"status_code": 400, "request": request}
     )
     return response
+
+
+def _problems_not_html(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """A method the path does not take answers problem details too (ninja's 405 is HTML)."""
+
+    @functools.wraps(view)
+    def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        response = view(request, *args, **kwargs)
+        if response.status_code == 405 and response.get("Content-Type", "") != PROBLEM:
+            allowed = response.get("Allow", "")
+            answer = problem(
+                request,
+                405,
+                f"{request.method} is not allowed here; use {allowed or 'another method'}.",
+            )
+            if allowed:
+                answer["Allow"] = allowed
+            return answer
+        return response
+
+    return wrapped
+
+
+@csrf_exempt
+def unknown_path(request: HttpRequest, rest: str = "") -> HttpResponse:
+    """What answers under /api/v1/ where no operation is."""
+    return problem(request, 404, "No such path in the API; see /api/v1/openapi.json.")
+
+
+def urls() -> tuple[list[Any], str, str]:
+    """The API's URL patterns: every operation, then problem details for any other path."""
+    patterns, app_name, namespace = api.urls
+    for pattern in patterns:
+        if pattern.callback is not None:
+            pattern.callback = _problems_not_html(pattern.callback)
+    return [*patterns, re_path(r"^(?P<rest>.*)$", unknown_path)], app_name, namespace

@@ -579,7 +579,11 @@ def _idempotent(
         pass
     first = IdempotencyKey.objects.filter(user=user, key=key).first()
     if first is None:  # the first try failed and let the key go between the two statements
-        raise Problem(409, "A request with this Idempotency-Key just failed; retry.")
+        raise Problem(
+            409,
+            "A request with this Idempotency-Key just failed; retry.",
+            headers={"Retry-After": "1"},
+        )
     if first.fingerprint != fingerprint:
         raise Problem(422, "This Idempotency-Key was used with another body; use a new key for it.")
     if first.request_id is None:

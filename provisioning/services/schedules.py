@@ -28,6 +28,18 @@ def _crontab(expression: str) -> CrontabSchedule:
     if len(parts) != 5:
         raise ScheduleError("A cron expression has five fields: minute hour day month weekday.")
     minute, hour, day, month, weekday = parts
+    fields = {
+        "minute": minute,
+        "hour": hour,
+        "day_of_month": day,
+        "month_of_year": month,
+        "day_of_week": weekday,
+    }
+    for name, value in fields.items():
+        # Checked before the row is looked up: PostgreSQL refuses a value past the column.
+        longest = CrontabSchedule._meta.get_field(name).max_length or 0
+        if len(value) > longest:
+            raise ScheduleError(f"Bad cron expression: its {name} field is over {longest} long.")
     schedule, _ = CrontabSchedule.objects.get_or_create(
         minute=minute, hour=hour, day_of_month=day, month_of_year=month, day_of_week=weekday
     )

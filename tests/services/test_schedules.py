@@ -558,6 +558,10 @@ def test_a_schedule_like_a_removed_one_can_be_added_again(page_guest: Guest) -> 
         ({"cron": "99 3 * * *"}, "Bad cron expression: Invalid end range: 99 > 59."),
         ({"cron": "- * * * *"}, "Bad cron expression: negative numbers not supported"),
         ({"cron": "0 3 * *"}, "A cron expression has five fields"),
+        (
+            {"cron": "0 3 * * " + "1," * 40 + "1"},
+            "Bad cron expression: its day_of_week field is over 64 long.",
+        ),
         ({"cron": "0 3 * * *", "every_minutes": "5"}, "Give either an interval"),
         ({}, "Give either an interval"),
         ({"every_minutes": "soon"}, "The interval must be a whole number of minutes."),

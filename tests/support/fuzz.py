@@ -134,6 +134,10 @@ CLOUD_CONFIGS = (
     "#cloud-config\nruncmd: &a [[ls, *a]]\n",
     "\ufeff#cloud-config\nruncmd: [[ls]]\n",
     "#cloud-config\n" + "a" * 70000,
+    # What yaml.safe_load raises other errors than YAMLError for (500s once, now 422s).
+    "#cloud-config\nruncmd: " + "[" * 20000 + "]" * 20000 + "\n",
+    "#cloud-config\nruncmd: [" + "9" * 5000 + "]\n",
+    "#cloud-config\nruncmd: [2001-13-45]\n",
 )
 BIG_BODY = 3 * 1024 * 1024  # over Django's DATA_UPLOAD_MAX_MEMORY_SIZE (2.5 MiB)
 MANY_FIELDS = 1100  # over Django's DATA_UPLOAD_MAX_NUMBER_FIELDS (1000)
