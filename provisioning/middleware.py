@@ -4,6 +4,7 @@ the audit origin (channel, user, address) of every page and admin request."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -45,11 +46,32 @@ class ServiceUnavailableMiddleware:
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
         part = _part_of(exception)
+        if request.path_info.startswith("/api/"):
+            return _api_problem(request, exception, part)
         if part is None:
             return None
         log.error("%s unavailable while serving %s: %s", part, request.path, exception)
         body = render_to_string("503.html", {"part": part, "error": str(exception)[:300]})
         return HttpResponse(body, status=503)
+
+
+def _api_problem(request: HttpRequest, exception: Exception, part: str | None) -> HttpResponse:
+    """Under /api/ a failure is problem details as every other API error, never an HTML page."""
+    if part is None:
+        log.error("error serving %s", request.path, exc_info=exception)
+        status, detail = 500, "The server failed to answer; the error is logged."
+    else:
+        log.error("%s unavailable while serving %s: %s", part, request.path, exception)
+        status, detail = 503, f"The {part} is unavailable: {str(exception)[:300]}"
+    body: dict[str, object] = {
+        "type": "about:blank",
+        "title": "Server error" if status == 500 else "Service unavailable",
+        "status": status,
+        "detail": detail,
+        "instance": request.path,
+        "errors": [],
+    }
+    return HttpResponse(json.dumps(body), status=status, content_type="application/problem+json")
 
 
 class AuditOriginMiddleware:

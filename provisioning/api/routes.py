@@ -90,11 +90,20 @@ def _tagged(response: HttpResponse, data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _accepted(request: HttpRequest, data: dict[str, Any], location: str) -> HttpResponse:
+def _accepted(
+    request: HttpRequest, data: dict[str, Any], location: str, *, status: int = 202
+) -> HttpResponse:
     response = HttpResponse(
-        json.dumps(data, cls=NinjaJSONEncoder), status=202, content_type="application/json"
+        json.dumps(data, cls=NinjaJSONEncoder), status=status, content_type="application/json"
     )
     response["Location"] = location
+    return response
+
+
+def _created(request: HttpRequest, data: dict[str, Any]) -> HttpResponse:
+    """201 with the new thing, where it lives (Location) and its ETag."""
+    response = _accepted(request, data, data["url"], status=201)
+    response["ETag"] = etag_of(data)
     return response
 
 
@@ -492,7 +501,7 @@ def schedule_create(request: HttpRequest, uuid: UUID, body: s.ScheduleIn) -> Any
         )
     except schedules.ScheduleError as exc:
         raise Problem(422, str(exc)) from exc
-    return 201, schedule_out(_schedule(request, made.pk))
+    return _created(request, schedule_out(_schedule(request, made.pk)))
 
 
 @guests.get("/{uuid}/events", response=_answers({200: None}), summary="Live guest events (SSE)")
@@ -785,7 +794,7 @@ def key_create(request: HttpRequest, body: s.SshKeyIn) -> Any:
         key = keys.ssh_key_add(owner=caller(request).user, name=body.name, text=body.public_key)
     except keys.SshKeyError as exc:
         raise Problem(422, str(exc), errors=[{"field": exc.field, "message": str(exc)}]) from exc
-    return 201, key_out(key)
+    return _created(request, key_out(key))
 
 
 @ssh_keys.get("/{id}", response=_answers({200: s.SshKeyOut}), summary="Read an SSH key")
