@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from asgiref.sync import iscoroutinefunction
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation, TooManyFieldsSent
@@ -407,25 +408,33 @@ def _refused_request(request: HttpRequest, exc: SuspiciousOperation) -> HttpResp
     return response
 
 
-def _problems_not_html(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+def _problems_not_html(view: Callable[..., Any]) -> Callable[..., Any]:
     """A method the path does not take answers problem details too (ninja's 405 is HTML)."""
+    if iscoroutinefunction(view):  # the paths of the event streams
+
+        @functools.wraps(view)
+        async def awaited(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            return _not_allowed(request, await view(request, *args, **kwargs))
+
+        return awaited
 
     @functools.wraps(view)
     def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        response = view(request, *args, **kwargs)
-        if response.status_code == 405 and response.get("Content-Type", "") != PROBLEM:
-            allowed = response.get("Allow", "")
-            answer = problem(
-                request,
-                405,
-                f"{request.method} is not allowed here; use {allowed or 'another method'}.",
-            )
-            if allowed:
-                answer["Allow"] = allowed
-            return answer
-        return response
+        return _not_allowed(request, view(request, *args, **kwargs))
 
     return wrapped
+
+
+def _not_allowed(request: HttpRequest, response: HttpResponse) -> HttpResponse:
+    if response.status_code != 405 or response.get("Content-Type", "") == PROBLEM:
+        return response
+    allowed = response.get("Allow", "")
+    answer = problem(
+        request, 405, f"{request.method} is not allowed here; use {allowed or 'another method'}."
+    )
+    if allowed:
+        answer["Allow"] = allowed
+    return answer
 
 
 @csrf_exempt
