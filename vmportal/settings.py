@@ -199,6 +199,8 @@ CELERY_TIMEZONE = TIME_ZONE
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_ROUTES = {"provisioning.reconcile": {"queue": "default"}}
 RECONCILE_EVERY = env.float("VMPORTAL_RECONCILE_EVERY", default=15.0)
+# Seconds between the listener's sampling rounds for the guests' usage graphs.
+STATS_INTERVAL = env.float("VMPORTAL_STATS_INTERVAL", default=10.0)
 # A provisioning step or job not moved on for this long lost its worker or its message:
 # reconcile queues it again (steps are idempotent). Tests shorten it to exercise recovery.
 STALE_STEP_SECONDS = env.float("VMPORTAL_STALE_STEP_SECONDS", default=60.0)

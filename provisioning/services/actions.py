@@ -21,7 +21,7 @@ from provisioning.hypervisor.connection import Hypervisor, get_hypervisor
 from provisioning.hypervisor.errors import HypervisorError, NotFound, WrongState
 from provisioning.hypervisor.types import DomainInfo, GuestState
 from provisioning.models import Guest, Job
-from provisioning.services import addresses, audit, transitions
+from provisioning.services import addresses, audit, stats, transitions
 from provisioning.services.guests import guest_sync_state
 from provisioning.services.provision.spec import seed_volume
 
@@ -177,6 +177,7 @@ def _delete(hv: Hypervisor, guest: Guest, keep_disk: bool = False) -> DomainInfo
     # The cloud-init seed is the portal's, not the owner's data: it goes with the guest.
     for pool, volume in seeds:
         storage.delete_volume(hv, str(pool), str(volume))
+    stats.forget_guest(uuid)
     return DomainInfo.undefined(uuid)
 
 

@@ -44,6 +44,7 @@ from provisioning.hypervisor import (
     set_autostart,
     shutdown,
     start,
+    stats,
     suspend,
     undefine,
     upload_bytes,
@@ -235,6 +236,25 @@ def test_job_stats_report_no_job_on_an_idle_guest(qemu_hv: Hypervisor, guest: Gu
     stats = job_stats(qemu_hv, guest.uuid)
 
     assert stats["type"] == libvirt.VIR_DOMAIN_JOB_NONE
+
+
+def test_one_bulk_call_reads_a_running_guests_cpu_memory_and_disk(
+    qemu_hv: Hypervisor, guest: Guest
+) -> None:
+    first = stats.sample(qemu_hv)[guest.uuid]
+    # The guest's CPU time moves on while it runs (its timer ticks even when idle).
+    later = wait_until(
+        lambda: (c := stats.sample(qemu_hv)[guest.uuid]).cpu_ns > first.cpu_ns and c,
+        timeout=30,
+        what="the guest's CPU time to grow",
+    )
+    used = stats.rates(first, later)
+
+    assert first.vcpus == 1
+    assert first.mem_used_bytes and first.mem_used_bytes > 1 * MIB  # QEMU's own memory
+    assert first.disk_read_bytes and first.disk_read_bytes > 0  # its boot read the disk
+    assert used.cpu_percent is not None and 0 < used.cpu_percent <= 100
+    assert used.disk_read_bps is not None and used.disk_read_bps >= 0
 
 
 def test_save_to_a_file_and_restore(qemu_hv: Hypervisor, guest: Guest, tmp_path: Path) -> None:

@@ -6,8 +6,10 @@ import logging
 import signal
 import socket
 import threading
+import time
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import close_old_connections
 from django.utils import timezone
@@ -16,7 +18,7 @@ from provisioning import queue
 from provisioning.hypervisor.errors import HypervisorError
 from provisioning.hypervisor.events import EventListener, LifecycleEvent
 from provisioning.models import Host
-from provisioning.services import addresses, audit, consoles, events
+from provisioning.services import addresses, audit, consoles, events, stats
 from provisioning.services.hosts import host_ensure_local
 from vmportal import heartbeat
 
@@ -52,6 +54,14 @@ class Command(BaseCommand):
         listeners = [self._listener(host, connected) for host in hosts]
         for listener in listeners:
             listener.start()
+        samplers = [
+            threading.Thread(
+                target=self._sample, args=(host, stop), daemon=True, name=f"stats {host}"
+            )
+            for host in hosts
+        ]
+        for sampler in samplers:
+            sampler.start()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         tailer = consoles.ConsoleTailer(hosts)
@@ -80,6 +90,24 @@ class Command(BaseCommand):
             stop.wait(consoles.POLL_EVERY)
         for listener in listeners:
             listener.stop()
+        for sampler in samplers:
+            sampler.join(timeout=10)
+
+    def _sample(self, host: Host, stop: threading.Event) -> None:
+        """The host's usage graphs: one sampling round every STATS_INTERVAL seconds."""
+        sampler = stats.Sampler(host)
+        interval = float(settings.STATS_INTERVAL)
+        due = time.monotonic()
+        while not stop.is_set():
+            close_old_connections()
+            try:
+                sampler.round()
+            except Exception as exc:  # noqa: BLE001 - a host away or Redis away: try next round
+                log.warning("%s: a sampling round failed: %s", host, exc)
+            # On a fixed beat, not interval after each round ends: rates stay per interval.
+            due += interval
+            stop.wait(max(0.0, due - time.monotonic()))
+            due = max(due, time.monotonic() - interval)
 
     def _listener(self, host: Host, connected: dict[str, bool]) -> EventListener:
         def on_event(event: LifecycleEvent) -> None:
