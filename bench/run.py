@@ -117,6 +117,18 @@ FIGURES = [
     Figure("console_echo_p95_ms", "keystroke in xterm.js to its echo drawn, p95", "ms", 50),
     Figure("event_to_dom_p95_ms", "libvirt event → badge in Chromium p95", "ms", 500),
     Figure("sse_1000_p95_ms", "1,000 SSE watchers, event latency p95", "ms", 1000),
+    Figure(
+        "stats_round_ms_1000",
+        "usage sampling round, 1,000 guests (test driver), p95",
+        "ms",
+        200,
+    ),
+    Figure(
+        "stats_bytes_per_guest_day",
+        "usage graphs' storage per guest (all tiers full)",
+        "KB",
+        200,
+    ),
 ]
 
 # Run order: the QEMU installs first on a quiet stack; the 10,000 rows before the 500 waiting
@@ -129,6 +141,7 @@ BENCHMARKS = [
     "event_to_dom",
     "console",
     "sse",
+    "stats",
     "list",
     "api_list",
     "waiting",
@@ -136,7 +149,18 @@ BENCHMARKS = [
 
 
 def _benchmark(name: str) -> Callable[[Any], dict[str, Any]]:
-    from bench import api, browser, console, debian, install, listing, sse, throughput, waiting
+    from bench import (
+        api,
+        browser,
+        console,
+        debian,
+        install,
+        listing,
+        sse,
+        stats,
+        throughput,
+        waiting,
+    )
 
     runs: dict[str, Callable[[Any], dict[str, Any]]] = {
         "install": install.run,
@@ -146,6 +170,7 @@ def _benchmark(name: str) -> Callable[[Any], dict[str, Any]]:
         "throughput": throughput.run,
         "event_to_dom": browser.run,
         "sse": sse.run,
+        "stats": stats.run,
         "list": listing.run,
         "api_list": api.list_run,
         "waiting": waiting.run,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db.models import Q, QuerySet
@@ -25,7 +26,7 @@ from provisioning.models import (
     ProvisioningRequest,
     ScheduleRun,
 )
-from provisioning.services import actions, consoles, placement, quotas, transitions
+from provisioning.services import actions, consoles, placement, quotas, stats, transitions
 
 User = AbstractBaseUser | AnonymousUser
 LOG_LINES_SHOWN = 30
@@ -241,3 +242,35 @@ def guest_badges(
 def console_tail(guest: Guest) -> str:
     """The end of the guest's serial console log."""
     return consoles.console_tail(guest.uuid)
+
+
+# The dashboard's CPU sparkline: a polyline in a box this size (SVG user units).
+SPARK_WIDTH, SPARK_HEIGHT = 60, 16
+
+
+def cpu_sparklines(guests: list[Guest]) -> None:
+    """Give each listed guest `spark` (SVG polyline points of its last minutes of CPU %) and
+    `cpu_now`, or neither when nothing was sampled; one Redis read for the page, no libvirt."""
+    try:
+        recent = stats.recent_cpu([g.uuid for g in guests])
+    except redis.RedisError:
+        return  # the table is still worth showing without its sparklines
+    for guest in guests:
+        cpu = recent.get(str(guest.uuid))
+        if not cpu:
+            continue
+        if len(cpu) == 1:
+            cpu = cpu * 2
+        step = SPARK_WIDTH / (len(cpu) - 1)
+        guest.spark = " ".join(  # type: ignore[attr-defined]
+            f"{i * step:.1f},{SPARK_HEIGHT - min(max(v, 0.0), 100.0) * SPARK_HEIGHT / 100:.1f}"
+            for i, v in enumerate(cpu)
+        )
+        guest.cpu_now = round(cpu[-1])  # type: ignore[attr-defined]
+
+
+def guest_graphs(guest: Guest, range_name: str) -> dict[str, Any]:
+    """A guest's usage series in one range (hour, day, week); KeyError for another range."""
+    if range_name not in stats.TIERS:
+        raise KeyError(range_name)
+    return stats.series(guest.uuid, range_name)

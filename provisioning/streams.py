@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
@@ -51,10 +52,24 @@ def _frame(event: str, html: str) -> bytes:
     return f"event: {event}\n{lines}\n".encode()
 
 
+def is_stats(data: bytes) -> bool:
+    """A usage point the sampler published on a guest's channel (services.stats)."""
+    return data.startswith(b'{"stats"')
+
+
+def stats_data(data: bytes) -> str:
+    """The point of a stats message, as the `stats` event's data: {"t": ..., "cpu": ..., ...}."""
+    return json.dumps(json.loads(data)["stats"])
+
+
 async def sse_stream(
     channels: list[str], render: Render, *, final: Callable[[], Any] | None = None
 ) -> AsyncIterator[bytes]:
-    """Send the rendered partial now and after every message on `channels`, until final."""
+    """Send the rendered partial now and after every message on `channels`, until final.
+
+    A usage point on a guest's channel goes out as a `stats` event of its own (its JSON) and
+    renders nothing.
+    """
     client = aioredis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2)
     pubsub = client.pubsub()
     try:
@@ -71,10 +86,16 @@ async def sse_stream(
             if message is None:
                 yield b": keepalive\n\n"
                 continue
-            # Several messages may arrive together; one render covers them all.
+            # Several messages may arrive together; one render covers them all, except the
+            # usage points, which carry their own data and are each sent as they are.
+            burst = [message["data"]]
             while more := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.01):
-                message = more
-            for event, html in await render(message["data"]):
+                burst.append(more["data"])
+            points = [data for data in burst if is_stats(data)]
+            rest = [data for data in burst if not is_stats(data)]
+            for data in points:
+                yield _frame("stats", stats_data(data))
+            for event, html in await render(rest[-1]) if rest else ():
                 yield _frame(event, html)
             if final is not None and await final():
                 yield _frame("close", "")

@@ -13,6 +13,7 @@ urlpatterns = [
     path("guests/new", views.new_guest, name="new-guest"),
     path("guests/<uuid:uuid>/", views.guest_detail, name="guest-detail"),
     path("guests/<uuid:uuid>/events", streams.guest_events, name="guest-events"),
+    path("guests/<uuid:uuid>/stats", views.guest_stats, name="guest-stats"),
     path("guests/<uuid:uuid>/actions/<slug:kind>", views.guest_action, name="guest-action"),
     path("guests/<uuid:uuid>/console/<slug:kind>/token", views.console_token, name="console-token"),
     path("guests/<uuid:uuid>/console/<slug:kind>/", views.console_page, name="console-page"),

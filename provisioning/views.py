@@ -7,7 +7,9 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import redis
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
@@ -84,6 +86,8 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     )
     guests = selectors.guest_list(user=request.user, filters=filters)
     page = Paginator(guests, PAGE_SIZE).get_page(request.GET.get("page"))
+    page.object_list = list(page.object_list)  # read once: the rows get their sparklines
+    selectors.cpu_sparklines(page.object_list)
     # One query serves both the unreachable badges and the staff's host filter.
     hosts = list(Host.objects.only("pk", "name", "last_seen"))
     context: dict[str, Any] = {
@@ -221,8 +225,35 @@ def guest_detail(request: HttpRequest, uuid: str) -> HttpResponse:
     if getattr(request, "htmx", False):
         return render(request, "provisioning/guest_detail.html#guest-status", context)
     xml, xml_error = selectors.guest_xml(guest)
-    context.update(xml=xml, xml_error=xml_error, console=selectors.console_tail(guest))
+    context.update(
+        xml=xml,
+        xml_error=xml_error,
+        console=selectors.console_tail(guest),
+        stats_interval=settings.STATS_INTERVAL,
+    )
     return render(request, "provisioning/guest_detail.html", context)
+
+
+@login_required
+@require_GET
+def guest_stats(request: HttpRequest, uuid: str) -> JsonResponse:
+    """The guest's usage graphs' data for ?range=hour (default), day or week, as JSON columns."""
+    guest = get_object_or_404(selectors.guests_of(request.user), uuid=uuid)
+    range_name = request.GET.get("range", "hour")
+    try:
+        data = selectors.guest_graphs(guest, range_name)
+    except KeyError:
+        return JsonResponse(
+            {"error": f"range must be one of hour, day, week (not {range_name[:20]!r})"},
+            status=400,
+        )
+    except redis.RedisError:
+        return JsonResponse(
+            {"error": "The graphs are unavailable: Redis does not answer."}, status=503
+        )
+    response = JsonResponse(data)
+    response["Cache-Control"] = "no-store"
+    return response
 
 
 @login_required

@@ -64,6 +64,9 @@ cp node_modules/@xterm/xterm/lib/xterm.js node_modules/@xterm/xterm/css/xterm.cs
 cp node_modules/@xterm/addon-fit/lib/addon-fit.js static/vendor/xterm/
 rm -rf static/vendor/novnc/core static/vendor/novnc/vendor
 cp -r node_modules/@novnc/novnc/core node_modules/@novnc/novnc/vendor static/vendor/novnc/
+# The guests' usage graphs.
+mkdir -p static/vendor/uplot
+cp node_modules/uplot/dist/uPlot.iife.min.js node_modules/uplot/dist/uPlot.min.css static/vendor/uplot/
 # The API's interactive docs (/api/v1/docs).
 mkdir -p static/vendor/swagger-ui
 cp node_modules/swagger-ui-dist/swagger-ui-bundle.js node_modules/swagger-ui-dist/swagger-ui.css static/vendor/swagger-ui/

@@ -390,6 +390,16 @@ def guest_read(request: HttpRequest, uuid: UUID, response: HttpResponse) -> Any:
     return _tagged(response, guest_out(_guest(request, uuid)))
 
 
+@guests.get("/{uuid}/stats", response=_answers({200: s.GuestStats}), summary="Usage graphs")
+def guest_stats(
+    request: HttpRequest, uuid: UUID, range: Literal["hour", "day", "week"] = "hour"
+) -> Any:
+    """CPU, memory, disk and network use as the listener sampled them: the last hour at full
+    resolution (every `step` seconds), the last day in 2-minute and the last week in 15-minute
+    averages. Live points come on `GET /guests/{uuid}/events` as `stats` events."""
+    return selectors.guest_graphs(_guest(request, uuid), range)
+
+
 @guests.post(
     "/{uuid}/actions/{kind}",
     response=_answers({202: s.JobOut}),
@@ -506,7 +516,8 @@ def schedule_create(request: HttpRequest, uuid: UUID, body: s.ScheduleIn) -> Any
 
 @guests.get("/{uuid}/events", response=_answers({200: None}), summary="Live guest events (SSE)")
 async def guest_events(request: HttpRequest, uuid: UUID) -> StreamingHttpResponse:
-    """Server-sent events: `guest` with the guest as GET shows it, now and on every change."""
+    """Server-sent events: `guest` with the guest as GET shows it, now and on every change;
+    `stats` with each usage point as it is sampled (as in GET .../stats)."""
     guest = await sync_to_async(_guest)(request, uuid)
     user = caller(request).user
 

@@ -65,6 +65,21 @@ class Address(Schema):
     source: str = ""
 
 
+class GuestStats(Schema):
+    """A guest's usage in one range, as columns of equal length, oldest first (null: unknown)."""
+
+    range: Literal["hour", "day", "week"]
+    step: float = Field(description="Seconds between points.")
+    points: int = Field(description="Points the range holds at most.")
+    t: list[int] = Field(description="Unix time of each point.")
+    cpu: list[float | None] = Field(description="CPU use, % of the guest's vCPUs together.")
+    mem: list[float | None] = Field(description="Memory used, bytes.")
+    disk_read: list[float | None] = Field(description="Disk reads, bytes per second.")
+    disk_write: list[float | None] = Field(description="Disk writes, bytes per second.")
+    net_rx: list[float | None] = Field(description="Network received, bytes per second.")
+    net_tx: list[float | None] = Field(description="Network sent, bytes per second.")
+
+
 class GuestOut(Schema):
     uuid: UUID
     name: str

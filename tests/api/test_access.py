@@ -60,6 +60,7 @@ TABLE: dict[tuple[str, str], Op] = {
     ("GET", "/api/v1/guests/{uuid}"): Op(
         200, OBJECT, mine=lambda w, b: b["uuid"] == str(w.guest.uuid)
     ),
+    ("GET", "/api/v1/guests/{uuid}/stats"): Op(200, OBJECT, mine=lambda w, b: b["range"] == "hour"),
     ("DELETE", "/api/v1/guests/{uuid}"): Op(202, OBJECT),
     ("POST", "/api/v1/guests/{uuid}/actions/{kind}"): Op(202, OBJECT),
     ("POST", "/api/v1/guests/{uuid}/rebuild"): Op(202, OBJECT, body=lambda w: {}),

@@ -11,7 +11,10 @@ from typing import Any
 import pytest
 import requests
 
+from provisioning.channels import guest_channel
+from provisioning.services import stats
 from tests.api.conftest import PROBLEM, World, build_world
+from vmportal.heartbeat import client
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("api_test")]
 API = "/api/v1"
@@ -126,6 +129,38 @@ def test_a_guest_stream_shows_the_guest_then_each_change(live: Live) -> None:
         assert moved.event == "guest"
         assert moved.json()["actions"] == []  # a job runs: nothing else may start
         assert moved.json() == live.get(url)
+
+
+def test_a_guest_stream_sends_each_usage_point_and_still_each_change(live: Live) -> None:
+    guest = live.world.guest
+    url = f"{API}/guests/{guest.uuid}"
+    try:
+        with live.stream(f"{url}/events") as response:
+            seen = frames(response)
+            assert next(seen).event == "guest"
+
+            stats.Store(interval=10).write([(str(guest.uuid), 1_000, (5.0, 1e6, 0, 0, 0, 0))])
+            point = next(seen)
+            assert point.event == "stats"
+            assert point.json() == {
+                "t": 1_000,
+                "cpu": 5.0,
+                "mem": 1e6,
+                "disk_read": 0,
+                "disk_write": 0,
+                "net_rx": 0,
+                "net_tx": 0,
+            }
+            # A point and a change arriving together: the point does not swallow the change.
+            pipe = client().pipeline(transaction=False)
+            pipe.publish(guest_channel(guest.uuid), json.dumps({"guest": str(guest.uuid)}))
+            pipe.publish(guest_channel(guest.uuid), json.dumps({"stats": {"t": 1_010}}))
+            pipe.execute()
+            both = {next(seen).event, next(seen).event}
+            assert both == {"stats", "guest"}
+        assert live.get(f"{url}/stats")["t"] == [1_000]
+    finally:
+        stats.forget_guest(guest.uuid)
 
 
 def test_staff_may_watch_anyones_request(live: Live) -> None:

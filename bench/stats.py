@@ -1,0 +1,117 @@
+"""stats_round_ms_1000, stats_bytes_per_guest_day: the usage graphs' sampling and storage.
+
+1,000 guests run on the test driver (transient domains, each with a row on the test host). One
+round is what the listener does every interval: `services.stats.Sampler.round()`, one bulk
+`getAllDomainStats` call, the rates, one Redis pipeline of points and their publishes. The
+anchor is the bulk call alone on a raw libvirt-python connection, in the same run. The storage
+figure is the Redis memory (MEMORY USAGE) of one guest's three tiers when all are full: what a
+guest costs at any time, whatever its age, since nothing grows past the tiers' lengths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid as uuidlib
+from typing import Any
+
+from bench.common import median, p95
+from bench.context import Context
+from bench.stack import TEST_URI
+
+GUESTS = 1_000
+
+
+def _domain_xml(uuid: str, name: str) -> str:
+    from lxml import etree
+
+    root = etree.Element("domain", type="test")
+    etree.SubElement(root, "name").text = name
+    etree.SubElement(root, "uuid").text = uuid
+    etree.SubElement(root, "memory", unit="MiB").text = "16"
+    etree.SubElement(etree.SubElement(root, "os"), "type").text = "hvm"
+    return etree.tostring(root, encoding="unicode")
+
+
+def _storage_per_guest() -> int:
+    from provisioning.services import stats
+    from vmportal.heartbeat import client
+
+    uuid = str(uuidlib.uuid4())
+    store = stats.Store()
+    # A point every 15 minutes closes a bucket of each coarse tier each time: 800 fill all three.
+    store.write([(uuid, 1_700_000_100 + 900 * i, (1.0,) * 6) for i in range(800)], publish=False)
+    try:
+        return sum(client().memory_usage(stats.key(uuid, t)) or 0 for t in stats.TIERS.values())
+    finally:
+        stats.forget_guest(uuid)
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    import libvirt
+
+    from provisioning.hypervisor import stats as hvstats
+    from provisioning.models import Guest
+    from provisioning.services import stats
+
+    host = ctx.seed.test
+    owner = ctx.seed.user
+    conn = libvirt.open(TEST_URI)
+    uuids = [str(uuidlib.uuid4()) for _ in range(GUESTS)]
+    try:
+        for i, uuid in enumerate(uuids):
+            conn.createXML(_domain_xml(uuid, f"stats-{i:04d}"), 0)
+            ctx.made.domain(TEST_URI, uuid)
+        Guest.objects.bulk_create(
+            [
+                Guest(
+                    owner=owner,
+                    host=host,
+                    name=f"stats-{i:04d}",
+                    uuid=uuidlib.UUID(uuid),
+                    state="running",
+                    persistent=False,
+                    vcpus=1,
+                    memory_mib=16,
+                    disk_mib=0,
+                )
+                for i, uuid in enumerate(uuids)
+            ],
+            batch_size=500,
+        )
+        sampler = stats.Sampler(host)
+        sampler.round()  # the first read has nothing to rate against
+        rounds: list[float] = []
+        stored = 0
+        for _ in range(ctx.runs(10, 30)):
+            start = time.perf_counter()
+            stored = sampler.round()
+            rounds.append((time.perf_counter() - start) * 1000)
+        if stored < GUESTS:
+            raise RuntimeError(f"a round stored {stored} points for {GUESTS} running guests")
+        raw: list[float] = []
+        for _ in range(ctx.runs(10, 30)):
+            start = time.perf_counter()
+            records = conn.getAllDomainStats(hvstats._GROUPS, hvstats._FLAGS)
+            raw.append((time.perf_counter() - start) * 1000)
+        if len(records) < GUESTS:
+            raise RuntimeError(f"getAllDomainStats saw {len(records)} of {GUESTS} guests")
+    finally:
+        for uuid in uuids:
+            stats.forget_guest(uuid)
+        Guest.objects.filter(uuid__in=uuids).delete()
+        for uuid in uuids:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.lookupByUUIDString(uuid).destroy()
+            ctx.made.domains.get(TEST_URI, set()).discard(uuid)
+        conn.close()
+    per_guest = _storage_per_guest()
+    return {
+        "stats_round_ms_1000": p95(rounds),
+        "stats_round_median_ms": median(rounds),
+        "stats_raw_bulk_call_median_ms": median(raw),
+        "stats_round_vs_raw_bulk_call": median(rounds) / median(raw),
+        "stats_bytes_per_guest_day": per_guest / 1000,
+        "stats_bytes_per_guest_full": per_guest,
+        "stats_guests": GUESTS,
+    }
