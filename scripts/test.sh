@@ -18,11 +18,7 @@ if (( workers > 0 )) && ! printf '%s\n' "$@" | grep -qE '^(-n|--numprocesses)'; 
 fi
 
 mkdir -p test-artifacts
-# VMPORTAL_TEST_COLLECTSTATIC=0: the caller collected them (two runs side by side must not both
-# rewrite the files one of them serves).
-if [[ ${VMPORTAL_TEST_COLLECTSTATIC:-1} != 0 ]]; then
-  .venv/bin/python manage.py collectstatic --noinput -v0
-fi
+.venv/bin/python manage.py collectstatic --noinput -v0
 set +e
 .venv/bin/python -m pytest "${xdist[@]}" "$@"
 rc=$?
