@@ -141,14 +141,21 @@ def cleanup(request_id: int) -> None:
                 storage.delete_volume(hv, plan.pool.name, volume)
         guest_sync_state(host=request.host, info=DomainInfo.undefined(uuid), guest=guest)
     job = transitions.request_job_ref(request)
-    if job is not None and job.status in Job.ACTIVE:
-        to = Job.Status.CANCELLED if request.status == Status.CANCELLED else Job.Status.FAILED
-        with contextlib.suppress(transitions.StaleState):
-            transitions.job_move(
-                job.id, expected=Job.ACTIVE, to=to, error=request.error, guest_uuid=job.guest_uuid
-            )
-    if request.cleanup_pending:
-        ProvisioningRequest.objects.filter(pk=request_id).update(cleanup_pending=False)
+    # The job's end and the flag in one commit: nobody sees the job over with the clean-up
+    # still pending.
+    with transaction.atomic():
+        if job is not None and job.status in Job.ACTIVE:
+            to = Job.Status.CANCELLED if request.status == Status.CANCELLED else Job.Status.FAILED
+            with contextlib.suppress(transitions.StaleState):
+                transitions.job_move(
+                    job.id,
+                    expected=Job.ACTIVE,
+                    to=to,
+                    error=request.error,
+                    guest_uuid=job.guest_uuid,
+                )
+        if request.cleanup_pending:
+            ProvisioningRequest.objects.filter(pk=request_id).update(cleanup_pending=False)
 
 
 def reconcile_requests(host: Host, domains: dict[str, DomainInfo], *, stale_after: float) -> None:
