@@ -224,8 +224,23 @@ class GuestTemplateAdmin(AuditedAdmin):
                 self.message_user(request, f"{template.name}: libvirt accepts both phases.")
 
 
+class SnapshotInline(admin.TabularInline):
+    """libvirt holds a guest's snapshots; the rows only mirror them, so they are read-only here
+    (taken, reverted and deleted from the guest's page or the API, as jobs)."""
+
+    model = models.Snapshot
+    extra = 0
+    fields = ("name", "taken", "state", "memory", "current", "size_bytes", "description")
+    readonly_fields = fields
+    can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
 @admin.register(models.Guest)
 class GuestAdmin(AuditedAdmin):
+    inlines = [SnapshotInline]
     list_display = ("name", "owner", "host", "state", "state_reason", "persistent", "autostart")
     list_filter = ("state", "host", "persistent", "autostart")
     search_fields = ("name", "uuid", "owner__username")

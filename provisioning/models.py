@@ -615,6 +615,9 @@ class Job(models.Model):
         REBUILD = "rebuild", "Rebuild"
         MIGRATE = "migrate", "Migrate"
         MAKE_PERSISTENT = "make_persistent", "Make persistent"
+        SNAPSHOT = "snapshot", "Take a snapshot"
+        REVERT = "revert", "Revert to a snapshot"
+        SNAPSHOT_DELETE = "snapshot_delete", "Delete a snapshot"
 
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"
@@ -702,6 +705,9 @@ class Quota(models.Model):
     max_vcpus = models.PositiveIntegerField(default=8)
     max_memory_mib = models.PositiveIntegerField(default=8192)
     max_disk_mib = models.PositiveIntegerField(default=102400)
+    max_snapshots_per_guest = models.PositiveIntegerField(
+        default=5, help_text="Snapshots each of the guests may hold at once."
+    )
 
     class Meta:
         constraints = [
@@ -757,13 +763,24 @@ class TemplateVersion(models.Model):
 
 
 class RebuildSchedule(models.Model):
-    """A guest rebuilt from its template on a schedule (a django-celery-beat periodic task)."""
+    """A guest rebuilt from its template, or snapshotted, on a schedule (a django-celery-beat
+    periodic task)."""
 
     class Source(models.TextChoices):
         LATEST = "latest", "The template's latest version"
         PINNED = "pinned", "The version the guest has"
 
+    class Action(models.TextChoices):
+        REBUILD = "rebuild", "Rebuild"
+        SNAPSHOT = "snapshot", "Snapshot"
+
     guest = models.ForeignKey(Guest, on_delete=models.CASCADE, related_name="schedules")
+    action = models.CharField(max_length=8, choices=Action, default=Action.REBUILD)
+    keep = models.PositiveSmallIntegerField(
+        default=0,
+        help_text="Snapshots: how many of this schedule's to keep; the oldest beyond goes "
+        "once a new one is taken.",
+    )
     periodic_task = models.OneToOneField(
         "django_celery_beat.PeriodicTask", on_delete=models.CASCADE, related_name="rebuild"
     )
@@ -780,7 +797,7 @@ class RebuildSchedule(models.Model):
         ordering = ["guest__name", "id"]
 
     def __str__(self) -> str:
-        return f"Rebuild {self.guest} ({self.periodic_task.name})"
+        return f"{self.get_action_display()} {self.guest} ({self.periodic_task.name})"
 
 
 class ScheduleRun(models.Model):
@@ -844,6 +861,37 @@ class SshKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.fingerprint})"
+
+
+class Snapshot(models.Model):
+    """An internal snapshot of a guest, as libvirt has it (libvirt is the truth: rows follow it).
+
+    Taken, reverted to and deleted by jobs; the rows are made again from libvirt's list after
+    each such job and by reconcile, so one made or deleted outside the portal is adopted or
+    forgotten.
+    """
+
+    guest = models.ForeignKey(Guest, on_delete=models.CASCADE, related_name="snapshots")
+    name = models.CharField(max_length=50)
+    description = models.CharField(max_length=200, blank=True)
+    taken = models.DateTimeField()
+    # The guest's state when taken (libvirt's word: running, paused, shutoff, ...).
+    state = models.CharField(max_length=16)
+    memory = models.BooleanField(default=False, help_text="Holds the guest's memory too.")
+    current = models.BooleanField(default=False, help_text="The one the guest last came from.")
+    parent = models.CharField(max_length=50, blank=True)
+    # What the disks grew by when it was taken (internal snapshots share the disk files); None
+    # for one the portal did not take.
+    size_bytes = models.BigIntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["guest", "taken", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["guest", "name"], name="snapshot_unique_per_guest"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} of {self.guest}"
 
 
 class ConsoleSession(models.Model):

@@ -26,7 +26,15 @@ from provisioning.models import (
     ProvisioningRequest,
     ScheduleRun,
 )
-from provisioning.services import actions, consoles, placement, quotas, stats, transitions
+from provisioning.services import (
+    actions,
+    consoles,
+    placement,
+    quotas,
+    snapshots,
+    stats,
+    transitions,
+)
 
 User = AbstractBaseUser | AnonymousUser
 LOG_LINES_SHOWN = 30
@@ -192,6 +200,24 @@ def guest_status(guest: Guest) -> dict[str, Any]:
             guest.console_sessions.filter(opened__isnull=False).select_related("user")[:10]
         ),
         "console_open": guest.state in (Guest.State.RUNNING, Guest.State.PAUSED),
+        **guest_snapshots(guest, busy=active is not None),
+    }
+
+
+def guest_snapshots(guest: Guest, *, busy: bool) -> dict[str, Any]:
+    """The guest page's snapshot list, what each revert would lose, and what may be asked."""
+    listed = list(guest.snapshots.all())
+    for snap in listed:
+        snap.loses = snapshots.what_revert_loses(guest, snap)  # type: ignore[attr-defined]
+    take = None if busy else snapshots.refusal(guest, Job.Kind.SNAPSHOT)
+    return {
+        "snapshots": listed,
+        "snapshot_limit": snapshots.per_guest_limit(guest.owner),
+        "can_snapshot": not busy and take is None,
+        "snapshot_refusal": take or "",
+        "can_revert": not busy and snapshots.refusal(guest, Job.Kind.REVERT) is None,
+        "can_delete_snapshot": not busy
+        and snapshots.refusal(guest, Job.Kind.SNAPSHOT_DELETE) is None,
     }
 
 

@@ -42,6 +42,7 @@ from .services import (
     migrate,
     provision,
     schedules,
+    snapshots,
     tokens,
     transitions,
 )
@@ -285,6 +286,56 @@ def guest_action(request: HttpRequest, uuid: str, kind: str) -> HttpResponse:
     return redirect("guest-detail", uuid=guest.uuid)
 
 
+def _after_snapshot_ask(request: HttpRequest, guest: Guest) -> HttpResponse:
+    if getattr(request, "htmx", False):
+        guest.refresh_from_db()
+        return render(
+            request, "provisioning/guest_detail.html#guest-status", selectors.guest_status(guest)
+        )
+    return redirect("guest-detail", uuid=guest.uuid)
+
+
+@login_required
+@require_POST
+def snapshot_take(request: HttpRequest, uuid: str) -> HttpResponse:
+    """Take a snapshot of the guest (a job)."""
+    guest = get_object_or_404(selectors.guests_of(request.user).select_related("host"), uuid=uuid)
+    try:
+        job = snapshots.snapshot_take(
+            guest=guest,
+            by=_user(request),
+            name=request.POST.get("name", "")[:100],
+            description=request.POST.get("description", "")[:500],
+        )
+    except (snapshots.SnapshotRefused, transitions.GuestBusy) as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"Snapshot {job.data['name']} queued.")
+    return _after_snapshot_ask(request, guest)
+
+
+@login_required
+@require_POST
+def snapshot_change(request: HttpRequest, uuid: str, name: str, kind: str) -> HttpResponse:
+    """Revert the guest to one of its snapshots, or delete one (a job)."""
+    guest = get_object_or_404(selectors.guests_of(request.user).select_related("host"), uuid=uuid)
+    snapshot = get_object_or_404(guest.snapshots, name=name)
+    if kind == "revert" and request.POST.get("confirm") != snapshot.name:
+        messages.error(
+            request, f"Type the snapshot's name ({snapshot.name}) to confirm reverting to it."
+        )
+        return _after_snapshot_ask(request, guest)
+    ask = snapshots.snapshot_revert if kind == "revert" else snapshots.snapshot_delete
+    try:
+        ask(guest=guest, name=snapshot.name, by=_user(request))
+    except (snapshots.SnapshotRefused, transitions.GuestBusy) as exc:
+        messages.error(request, str(exc))
+    else:
+        done = "Revert to" if kind == "revert" else "Deleting"
+        messages.success(request, f"{done} {snapshot.name} queued.")
+    return _after_snapshot_ask(request, guest)
+
+
 @login_required
 @require_POST
 def guest_rebuild(request: HttpRequest, uuid: str) -> HttpResponse:
@@ -309,18 +360,26 @@ def guest_rebuild(request: HttpRequest, uuid: str) -> HttpResponse:
 @login_required
 @require_POST
 def schedule_create(request: HttpRequest, uuid: str) -> HttpResponse:
-    """Add a rebuild schedule to the guest (every N minutes, or cron)."""
+    """Add a rebuild or snapshot schedule to the guest (every N minutes, or cron)."""
     guest = get_object_or_404(
         selectors.guests_of(request.user).select_related("template"), uuid=uuid
     )
     raw_minutes = request.POST.get("every_minutes", "").strip()
+    raw_keep = request.POST.get("keep", "").strip()
     try:
         minutes = int(raw_minutes) if raw_minutes else None
     except ValueError:
         messages.error(request, "The interval must be a whole number of minutes.")
         return redirect("guest-detail", uuid=guest.uuid)
     try:
+        keep = int(raw_keep) if raw_keep else None
+    except ValueError:
+        messages.error(request, "The number of snapshots kept must be a whole number.")
+        return redirect("guest-detail", uuid=guest.uuid)
+    try:
         schedules.schedule_create(
+            action=request.POST.get("action", RebuildSchedule.Action.REBUILD)[:10],
+            keep=keep,
             guest=guest,
             by=_user(request),
             every_minutes=minutes,

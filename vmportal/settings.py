@@ -201,6 +201,9 @@ CELERY_TASK_ROUTES = {"provisioning.reconcile": {"queue": "default"}}
 RECONCILE_EVERY = env.float("VMPORTAL_RECONCILE_EVERY", default=15.0)
 # Seconds between the listener's sampling rounds for the guests' usage graphs.
 STATS_INTERVAL = env.float("VMPORTAL_STATS_INTERVAL", default=10.0)
+# How often reconcile lists every guest's snapshots (a call per guest) to adopt or forget those
+# made or deleted outside the portal.
+SNAPSHOT_RECONCILE_SECONDS = env.float("VMPORTAL_SNAPSHOT_RECONCILE_SECONDS", default=300.0)
 # A provisioning step or job not moved on for this long lost its worker or its message:
 # reconcile queues it again (steps are idempotent). Tests shorten it to exercise recovery.
 STALE_STEP_SECONDS = env.float("VMPORTAL_STALE_STEP_SECONDS", default=60.0)

@@ -30,6 +30,7 @@ from provisioning.models import (
     JobEvent,
     ProvisioningRequest,
     RebuildSchedule,
+    Snapshot,
     SshKey,
 )
 from provisioning.services import (
@@ -40,6 +41,7 @@ from provisioning.services import (
     provision,
     quotas,
     schedules,
+    snapshots,
     transitions,
 )
 
@@ -67,6 +69,7 @@ ACTION_KINDS = tuple(
     k.value
     for k in Job.Kind
     if k not in (Job.Kind.PROVISION, Job.Kind.REBUILD, Job.Kind.MIGRATE, Job.Kind.DELETE)
+    and k not in snapshots.KINDS  # their own operations: they name a snapshot
 )
 ActionKind = Literal[ACTION_KINDS]  # type: ignore[valid-type]
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -241,6 +244,8 @@ def schedule_out(r: RebuildSchedule) -> dict[str, Any]:
         "guest": r.guest.uuid,
         "every_minutes": task.interval.every if task.interval is not None else None,
         "cron": cron,
+        "action": r.action,
+        "keep": r.keep or None,
         "source": r.source,
         "keep_data_disk": r.keep_data_disk,
         "enabled": task.enabled,
@@ -497,7 +502,8 @@ def schedule_list(
 
 @guests.post("/{uuid}/schedules", response=_answers({201: s.ScheduleOut}), summary="Add a schedule")
 def schedule_create(request: HttpRequest, uuid: UUID, body: s.ScheduleIn) -> Any:
-    """Rebuild the guest every N minutes, or on a cron expression (give one of the two)."""
+    """Rebuild the guest, or take a snapshot of it keeping the newest `keep` of this schedule's,
+    every N minutes or on a cron expression (give one of the two)."""
     guest = _guest(request, uuid)
     try:
         made = schedules.schedule_create(
@@ -508,10 +514,93 @@ def schedule_create(request: HttpRequest, uuid: UUID, body: s.ScheduleIn) -> Any
             latest=body.source == "latest",
             enabled=body.enabled,
             keep_data_disk=body.keep_data_disk,
+            action=body.action,
+            keep=body.keep,
         )
     except schedules.ScheduleError as exc:
         raise Problem(422, str(exc)) from exc
     return _created(request, schedule_out(_schedule(request, made.pk)))
+
+
+def snapshot_out(snap: Snapshot) -> dict[str, Any]:
+    return {
+        "name": snap.name,
+        "description": snap.description,
+        "taken": snap.taken,
+        "state": snap.state,
+        "memory": snap.memory,
+        "current": snap.current,
+        "size_bytes": snap.size_bytes,
+    }
+
+
+def _snapshot(guest: Guest, name: str) -> Snapshot:
+    found = guest.snapshots.filter(name=name).first()
+    if found is None:
+        raise Http404("No such snapshot.")
+    return found
+
+
+@guests.get("/{uuid}/snapshots", response=_answers({200: s.SnapshotList}), summary="Snapshots")
+def snapshot_list(request: HttpRequest, uuid: UUID) -> dict[str, Any]:
+    """The guest's snapshots, oldest first (at most the owner's quota per guest: no pages)."""
+    guest = _guest(request, uuid)
+    return {
+        "items": [snapshot_out(x) for x in guest.snapshots.all()],
+        "limit": snapshots.per_guest_limit(guest.owner),
+    }
+
+
+@guests.post("/{uuid}/snapshots", response=_answers({202: s.JobOut}), summary="Take a snapshot")
+def snapshot_take(request: HttpRequest, uuid: UUID, body: s.SnapshotIn) -> HttpResponse:
+    """A job that takes an internal snapshot: disks and memory of a running or paused guest,
+    disks of a stopped one. 409 past the quota, for an autodestroy guest, a name it has, or
+    while another job runs; 422 for a bad name."""
+    guest = _guest(request, uuid)
+    if body.name and not snapshots.NAME.fullmatch(body.name):
+        raise Problem(422, snapshots.BAD_NAME)
+    try:
+        job = snapshots.snapshot_take(
+            guest=guest, by=caller(request).user, name=body.name, description=body.description
+        )
+    except (snapshots.SnapshotRefused, transitions.GuestBusy) as exc:
+        raise _refused(409, exc) from exc
+    return _accepted(request, job_out(job), f"{PREFIX}/jobs/{job.pk}")
+
+
+@guests.post(
+    "/{uuid}/snapshots/{name}/revert",
+    response=_answers({202: s.JobOut}),
+    summary="Revert to a snapshot",
+)
+def snapshot_revert(
+    request: HttpRequest, uuid: UUID, name: str = Path(..., max_length=50)
+) -> HttpResponse:
+    """A job that returns the guest to the snapshot: what it wrote since is lost, and its
+    memory now if the snapshot holds memory (it comes back running or paused as it was)."""
+    guest = _guest(request, uuid)
+    snap = _snapshot(guest, name)
+    try:
+        job = snapshots.snapshot_revert(guest=guest, name=snap.name, by=caller(request).user)
+    except (snapshots.SnapshotRefused, transitions.GuestBusy) as exc:
+        raise _refused(409, exc) from exc
+    return _accepted(request, job_out(job), f"{PREFIX}/jobs/{job.pk}")
+
+
+@guests.delete(
+    "/{uuid}/snapshots/{name}", response=_answers({202: s.JobOut}), summary="Delete a snapshot"
+)
+def snapshot_delete(
+    request: HttpRequest, uuid: UUID, name: str = Path(..., max_length=50)
+) -> HttpResponse:
+    """A job that deletes one snapshot (the others and the guest stay as they are)."""
+    guest = _guest(request, uuid)
+    snap = _snapshot(guest, name)
+    try:
+        job = snapshots.snapshot_delete(guest=guest, name=snap.name, by=caller(request).user)
+    except (snapshots.SnapshotRefused, transitions.GuestBusy) as exc:
+        raise _refused(409, exc) from exc
+    return _accepted(request, job_out(job), f"{PREFIX}/jobs/{job.pk}")
 
 
 @guests.get("/{uuid}/events", response=_answers({200: None}), summary="Live guest events (SSE)")

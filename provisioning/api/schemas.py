@@ -65,6 +65,28 @@ class Address(Schema):
     source: str = ""
 
 
+class SnapshotOut(Schema):
+    name: str
+    description: str
+    taken: datetime
+    state: str = Field(description="The guest's state when taken (running, paused, shutoff).")
+    memory: bool = Field(description="Holds the guest's memory too (taken while it ran).")
+    current: bool = Field(description="The snapshot the guest last came from.")
+    size_bytes: int | None = Field(description="What the disks grew by when it was taken.")
+
+
+class SnapshotList(Schema):
+    items: list[SnapshotOut]
+    limit: int = Field(description="How many snapshots the guest may hold (the owner's quota).")
+
+
+class SnapshotIn(Schema):
+    name: Annotated[Text, StringConstraints(max_length=50)] = Field(
+        "", description="Letters, digits, dots, dashes, underscores; empty: one is made up."
+    )
+    description: Annotated[Text, StringConstraints(max_length=200)] = ""
+
+
 class GuestStats(Schema):
     """A guest's usage in one range, as columns of equal length, oldest first (null: unknown)."""
 
@@ -151,6 +173,8 @@ class JobOut(Schema):
 class ScheduleOut(Schema):
     id: int
     guest: UUID
+    action: Literal["rebuild", "snapshot"]
+    keep: int | None = Field(description="Snapshot schedules: how many of theirs are kept.")
     every_minutes: int | None
     cron: str | None
     source: str
@@ -242,6 +266,10 @@ class MigrateIn(Schema):
 
 
 class ScheduleIn(Schema):
+    action: Literal["rebuild", "snapshot"] = "rebuild"
+    keep: Annotated[int, Field(ge=1, le=1000)] | None = Field(
+        None, description="Snapshot schedules: how many of theirs to keep (the oldest goes)."
+    )
     every_minutes: Annotated[int, Field(ge=1, le=527040)] | None = None
     cron: Annotated[Text, StringConstraints(max_length=100)] = ""
     source: Literal["latest", "pinned"] = "latest"

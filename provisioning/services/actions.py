@@ -21,7 +21,7 @@ from provisioning.hypervisor.connection import Hypervisor, get_hypervisor
 from provisioning.hypervisor.errors import HypervisorError, NotFound, WrongState
 from provisioning.hypervisor.types import DomainInfo, GuestState
 from provisioning.models import Guest, Job
-from provisioning.services import addresses, audit, stats, transitions
+from provisioning.services import addresses, audit, snapshots, stats, transitions
 from provisioning.services.guests import guest_sync_state
 from provisioning.services.provision.spec import seed_volume
 
@@ -170,6 +170,7 @@ def _delete(hv: Hypervisor, guest: Guest, keep_disk: bool = False) -> DomainInfo
             if s.get("pool") and s.get("volume") == seed_volume(guest)
         ]
     operations.destroy(hv, uuid)
+    snapshots.drop_all(hv, guest)  # inside the disks, which go (or are kept as they are)
     operations.undefine(hv, uuid)
     if not keep_disk:
         for pool, volume in volumes:
@@ -217,6 +218,9 @@ ACTIONS: dict[str, Callable[..., DomainInfo]] = {
     K.AUTOSTART_OFF: lambda hv, g, **o: operations.set_autostart(hv, str(g.uuid), False),
     K.DELETE: lambda hv, g, **o: _delete(hv, g, keep_disk=o.get("keep_disk", False)),
     K.MAKE_PERSISTENT: lambda hv, g, **o: _make_persistent(hv, g),
+    K.SNAPSHOT: lambda hv, g, **o: snapshots.run_snapshot(hv, g, **o),
+    K.REVERT: lambda hv, g, **o: snapshots.run_revert(hv, g, **o),
+    K.SNAPSHOT_DELETE: lambda hv, g, **o: snapshots.run_delete(hv, g, **o),
 }
 
 

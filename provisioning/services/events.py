@@ -12,7 +12,7 @@ from provisioning.hypervisor import operations
 from provisioning.hypervisor.connection import get_hypervisor
 from provisioning.hypervisor.types import DomainInfo, GuestState
 from provisioning.models import Guest, Host, Job, ProvisioningRequest
-from provisioning.services import actions, addresses, audit, provision
+from provisioning.services import actions, addresses, audit, provision, snapshots
 from provisioning.services.guests import guest_agrees, guest_sync_state
 
 log = logging.getLogger(__name__)
@@ -156,4 +156,5 @@ def _reconcile_host(host: Host) -> dict[str, int]:
     provision.reconcile_requests(host, domains, stale_after=stale_after)
     actions.reconcile_jobs(hv, guests, domains, stale_after=stale_after)
     addresses.reconcile_addresses(host)
+    snapshots.reconcile_host(hv, host, guests, domains)
     return {"domains": len(domains), "guests": len(guests), "synced": synced}

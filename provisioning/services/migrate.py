@@ -64,6 +64,12 @@ def _migration_start(
             f"{guest.name} is autodestroyed with the connection that started it; libvirt "
             "migrates no such guest"
         )
+    held = guest.snapshots.count()
+    if held:
+        raise MigrationRefused(
+            f"{guest.name} has {held} internal snapshot{'s' if held != 1 else ''}, which libvirt "
+            "cannot move with it; delete them first"
+        )
     if not guest.persistent:
         raise MigrationRefused(
             f"{guest.name} is transient (it would be destroyed with its connection); "

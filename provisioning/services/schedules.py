@@ -1,4 +1,4 @@
-"""Rebuild schedules: django-celery-beat periodic tasks that rebuild a guest."""
+"""Schedules: django-celery-beat periodic tasks that rebuild a guest or take its snapshots."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import uuid as uuidlib
 from celery.schedules import ParseException
 from django.contrib.auth.models import User
 from django.db import transaction
+from django.utils import timezone
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
 
 from provisioning import queue
 from provisioning.models import Guest, RebuildSchedule, ScheduleRun
-from provisioning.services import audit, provision, transitions
+from provisioning.services import audit, provision, snapshots, transitions
 
 log = logging.getLogger(__name__)
 TASK = queue.SCHEDULED_REBUILD
@@ -59,9 +60,22 @@ def schedule_create(
     latest: bool = True,
     enabled: bool = True,
     keep_data_disk: bool = True,
+    action: str = RebuildSchedule.Action.REBUILD,
+    keep: int | None = None,
 ) -> RebuildSchedule:
-    """A new rebuild schedule for the guest: every N minutes, or by a cron expression."""
-    if guest.template is None:
+    """A new schedule for the guest, every N minutes or by a cron expression: a rebuild, or a
+    snapshot keeping the newest `keep` of this schedule's."""
+    if action not in RebuildSchedule.Action.values:
+        raise ScheduleError("A schedule rebuilds the guest or takes a snapshot of it.")
+    snapshot = action == RebuildSchedule.Action.SNAPSHOT
+    if snapshot:
+        limit = snapshots.per_guest_limit(guest.owner)
+        if keep is None or not 1 <= keep < limit:
+            raise ScheduleError(
+                f"Keep 1 to {limit - 1} snapshots: each new one is taken before the oldest "
+                f"goes, and the guest may hold {limit}."
+            )
+    elif guest.template is None:
         raise ScheduleError(f"{guest.name} was not made from a template, so it cannot be rebuilt.")
     if bool(every_minutes) == bool(cron.strip()):
         raise ScheduleError("Give either an interval in minutes or a cron expression.")
@@ -79,16 +93,19 @@ def schedule_create(
             what = f"cron {cron.strip()}"
         # Task names are unique: a placeholder until the schedule's own id can name it (a count
         # of the guest's schedules repeats once one of them is removed).
-        task.name = f"Rebuild {guest.uuid} {uuidlib.uuid4()}"
+        label = "Snapshot" if snapshot else "Rebuild"
+        task.name = f"{label} {guest.uuid} {uuidlib.uuid4()}"
         task.save()
         schedule = RebuildSchedule.objects.create(
             guest=guest,
             periodic_task=task,
             source=RebuildSchedule.Source.LATEST if latest else RebuildSchedule.Source.PINNED,
             keep_data_disk=keep_data_disk,
+            action=action,
+            keep=keep or 0,
             created_by=by,
         )
-        task.name = f"Rebuild {guest.name} ({guest.uuid}) #{schedule.pk}: {what}"
+        task.name = f"{label} {guest.name} ({guest.uuid}) #{schedule.pk}: {what}"
         task.kwargs = json.dumps({"schedule_id": schedule.pk})
         task.save(update_fields=["name", "kwargs"])
         audit.record(
@@ -101,6 +118,8 @@ def schedule_create(
                 "source": (None, schedule.source),
                 "enabled": (None, enabled),
                 "keep_data_disk": (None, keep_data_disk),
+                "action": (None, action),
+                "keep": (None, schedule.keep),
             },
         )
     return schedule
@@ -152,6 +171,8 @@ def _schedule_fire(schedule_id: int) -> ScheduleRun | None:
             outcome=ScheduleRun.Outcome.FAILED,
             message=f"{schedule.guest.name} was deleted; the schedule is now disabled",
         )
+    if schedule.action == RebuildSchedule.Action.SNAPSHOT:
+        return _fire_snapshot(schedule)
     latest = schedule.source == RebuildSchedule.Source.LATEST
     try:
         request = provision.rebuild_submit(
@@ -166,4 +187,27 @@ def _schedule_fire(schedule_id: int) -> ScheduleRun | None:
             schedule=schedule, outcome=ScheduleRun.Outcome.FAILED, message=str(exc)
         )
     job = request.jobs.order_by("-created").first()
+    return ScheduleRun.objects.create(schedule=schedule, outcome=ScheduleRun.Outcome.FIRED, job=job)
+
+
+def _fire_snapshot(schedule: RebuildSchedule) -> ScheduleRun:
+    guest = schedule.guest
+    name = f"{snapshots.scheduled_prefix(schedule.pk)}{timezone.now():%Y%m%d-%H%M%S-%f}"
+    try:
+        job = snapshots.snapshot_take(
+            guest=guest,
+            by=None,
+            name=name,
+            description=f"taken by schedule #{schedule.pk}",
+            keep=schedule.keep,
+            schedule=schedule.pk,
+        )
+    except transitions.GuestBusy as exc:
+        return ScheduleRun.objects.create(
+            schedule=schedule, outcome=ScheduleRun.Outcome.SKIPPED, message=str(exc)
+        )
+    except snapshots.SnapshotRefused as exc:
+        return ScheduleRun.objects.create(
+            schedule=schedule, outcome=ScheduleRun.Outcome.FAILED, message=str(exc)
+        )
     return ScheduleRun.objects.create(schedule=schedule, outcome=ScheduleRun.Outcome.FIRED, job=job)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from django.utils import timezone
 
 from provisioning.api.routes import api
 from provisioning.models import (
@@ -20,6 +21,7 @@ from provisioning.models import (
     Job,
     ProvisioningRequest,
     RebuildSchedule,
+    Snapshot,
     SshKey,
 )
 from tests.api.conftest import World, assert_problem, call
@@ -51,6 +53,15 @@ class Op:
     who: str
     body: Body | None = None
     mine: Mine | None = None  # whether a 2xx body shows alice's thing
+    given: Callable[[World], object] | None = None  # what must exist first (not in the world)
+
+
+def a_snapshot(world: World) -> Snapshot:
+    """One snapshot of alice's guest (only for the snapshot operations: migration refuses a
+    guest that has any)."""
+    return Snapshot.objects.create(
+        guest=world.guest, name="base", taken=timezone.now(), state="running", memory=True
+    )
 
 
 TABLE: dict[tuple[str, str], Op] = {
@@ -62,6 +73,14 @@ TABLE: dict[tuple[str, str], Op] = {
     ),
     ("GET", "/api/v1/guests/{uuid}/stats"): Op(200, OBJECT, mine=lambda w, b: b["range"] == "hour"),
     ("DELETE", "/api/v1/guests/{uuid}"): Op(202, OBJECT),
+    ("GET", "/api/v1/guests/{uuid}/snapshots"): Op(
+        200, OBJECT, mine=lambda w, b: [i["name"] for i in b["items"]] == ["base"], given=a_snapshot
+    ),
+    ("POST", "/api/v1/guests/{uuid}/snapshots"): Op(
+        202, OBJECT, body=lambda w: {"name": "api-snap"}
+    ),
+    ("POST", "/api/v1/guests/{uuid}/snapshots/{name}/revert"): Op(202, OBJECT, given=a_snapshot),
+    ("DELETE", "/api/v1/guests/{uuid}/snapshots/{name}"): Op(202, OBJECT, given=a_snapshot),
     ("POST", "/api/v1/guests/{uuid}/actions/{kind}"): Op(202, OBJECT),
     ("POST", "/api/v1/guests/{uuid}/rebuild"): Op(202, OBJECT, body=lambda w: {}),
     ("POST", "/api/v1/guests/{uuid}/migrate"): Op(202, STAFF, body=lambda w: {"dest": w.spare.pk}),
@@ -106,7 +125,7 @@ def path_of(world: World, template: str) -> str:
         "keys": world.key.pk,
         "hosts": world.host.pk,
     }.get(collection)
-    return template.format(uuid=world.guest.uuid, id=the_id, kind="suspend")
+    return template.format(uuid=world.guest.uuid, id=the_id, kind="suspend", name="base")
 
 
 def expected(method: str, op: Op, caller: str) -> int:
@@ -153,6 +172,8 @@ def test_each_caller_gets_what_their_rights_allow_and_nothing_else(
     method, template = operation
     op = TABLE[operation]
     token = None if caller == "anonymous" else world.token(caller)
+    if op.given is not None:
+        op.given(world)
     before = snapshot()
 
     response = call(

@@ -25,6 +25,7 @@ from provisioning.hypervisor import (
     create_overlay,
     create_transient,
     create_volume,
+    define,
     delete_volume,
     destroy,
     ensure_dir_pool,
@@ -43,6 +44,7 @@ from provisioning.hypervisor import (
     save,
     set_autostart,
     shutdown,
+    snapshots,
     start,
     stats,
     suspend,
@@ -255,6 +257,88 @@ def test_one_bulk_call_reads_a_running_guests_cpu_memory_and_disk(
     assert first.disk_read_bytes and first.disk_read_bytes > 0  # its boot read the disk
     assert used.cpu_percent is not None and 0 < used.cpu_percent <= 100
     assert used.disk_read_bps is not None and used.disk_read_bps >= 0
+
+
+def test_a_disk_snapshot_reverted_brings_back_the_disk_from_before_a_later_install(
+    qemu_hv: Hypervisor, tiny, pool: str, logs: Path
+) -> None:
+    """Snapshot, write a marker, revert: the marker is gone (the guest's own serial output says
+    what its disk holds)."""
+    first = make_guest(qemu_hv, tiny, pool, logs, install=True)
+    writer: str | None = None
+    try:
+        create_transient(qemu_hv, first.xml)
+        wait_for_stop(qemu_hv, first.uuid, INSTALL_TIMEOUT)
+        assert f"VMPORTAL-INSTALL-DONE m{first.uuid[:8]}" in first.console()
+        runtime = domain_xml(
+            uuid=first.uuid,
+            domain_type="qemu",
+            memory_mib=MEMORY_MIB,
+            kernel=str(tiny.kernel),
+            initrd=str(tiny.runtime_initrd),
+            cmdline="console=ttyS0",
+            disk=(first.pool, first.volume),
+            serial_log=str(logs / f"{first.uuid[:8]}-runtime.log"),
+        )
+        define(qemu_hv, runtime)
+        taken = snapshots.create_snapshot(qemu_hv, first.uuid, "before", "the first install")
+        # Another install over the same disk writes another marker.
+        writer = new_uuid()
+        overwrite = domain_xml(
+            uuid=writer,
+            domain_type="qemu",
+            memory_mib=MEMORY_MIB,
+            kernel=str(tiny.kernel),
+            initrd=str(tiny.initrd),
+            cmdline="console=ttyS0 vmportal.install=1 vmportal.marker=later",
+            disk=(first.pool, first.volume),
+            serial_log=str(logs / f"{writer[:8]}.log"),
+            on_reboot="destroy",
+        )
+        create_transient(qemu_hv, overwrite)
+        wait_for_stop(qemu_hv, writer, INSTALL_TIMEOUT)
+        assert "VMPORTAL-INSTALL-DONE later" in (logs / f"{writer[:8]}.log").read_text()
+
+        reverted = snapshots.revert_snapshot(qemu_hv, first.uuid, "before")
+        start(qemu_hv, first.uuid)
+        console = logs / f"{first.uuid[:8]}-runtime.log"
+        wait_until(
+            lambda: "VMPORTAL-READY" in console.read_text(errors="replace"),
+            timeout=BOOT_TIMEOUT,
+            what="the reverted guest to boot",
+        )
+
+        assert (taken.state, taken.memory, taken.description) == (
+            "shutoff",
+            False,
+            "the first install",
+        )
+        assert reverted.state is GuestState.DEFINED
+        text = console.read_text(errors="replace")
+        assert f"VMPORTAL-DISK: m{first.uuid[:8]}" in text
+        assert "later" not in text
+        assert [s.name for s in snapshots.list_snapshots(qemu_hv, first.uuid)] == ["before"]
+    finally:
+        if writer is not None:
+            destroy(qemu_hv, writer)
+        snapshots.delete_all_metadata(qemu_hv, first.uuid)
+        first.remove()
+
+
+def test_a_running_guests_snapshot_with_memory_reverts_to_running(
+    qemu_hv: Hypervisor, guest: Guest
+) -> None:
+    taken = snapshots.create_snapshot(qemu_hv, guest.uuid, "warm")
+    try:
+        suspend(qemu_hv, guest.uuid)
+
+        reverted = snapshots.revert_snapshot(qemu_hv, guest.uuid, "warm")
+
+        assert (taken.state, taken.memory) == ("running", True)
+        assert reverted.state is GuestState.RUNNING  # as it was when taken, not paused
+    finally:
+        snapshots.delete_snapshot(qemu_hv, guest.uuid, "warm")
+    assert snapshots.list_snapshots(qemu_hv, guest.uuid) == []
 
 
 def test_save_to_a_file_and_restore(qemu_hv: Hypervisor, guest: Guest, tmp_path: Path) -> None:

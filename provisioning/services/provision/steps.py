@@ -34,7 +34,7 @@ from provisioning.hypervisor.errors import (
 )
 from provisioning.hypervisor.types import DomainInfo, GuestState
 from provisioning.models import GuestTemplate, ProvisioningRequest
-from provisioning.services import addresses, audit, quotas, transitions
+from provisioning.services import addresses, audit, quotas, snapshots, transitions
 from provisioning.services.guests import guest_sync_state
 from provisioning.services.provision.ending import cleanup, fail, request_domain_stopped
 from provisioning.services.provision.spec import Plan, StepFailed, load_request, plan_of
@@ -197,6 +197,8 @@ def _prepare(run: Run) -> None:
         _still_in(run, Status.PREPARING)
         _stop_for_rebuild(run)
         operations.remove_managed_save(plan.hv, plan.uuid)
+        # Internal snapshots live in the disks made anew below: they go with them.
+        snapshots.drop_all(plan.hv, plan.guest)
         # The system disk is made anew from the template, as on the first install; the data
         # disk too unless the rebuild keeps it. Deleting and making an empty disk again is
         # harmless when a crashed run of this step repeats it.

@@ -16,9 +16,11 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from provisioning.hypervisor import operations, storage
+from provisioning.hypervisor import snapshots as hvsnapshots
 from provisioning.hypervisor.events import EventListener, LifecycleEvent
 from provisioning.hypervisor.types import GuestState
 from provisioning.models import Guest, Job
+from provisioning.services import stats
 from provisioning.services.actions import save_path
 from provisioning.services.demo import DEMO_POOL_NAME, DEMO_TEMPLATE_NAME
 from tests.factories import PASSWORD
@@ -81,6 +83,8 @@ def test_a_user_gets_a_real_guest_and_drives_it_from_the_browser_without_reloadi
     qemu_stack: Stack, demo: Demo, make_user, page: Page
 ) -> None:
     make_user("ann")
+    # Sampled every 2 s (10 s by default), so the usage graphs move while the test looks.
+    qemu_stack.env["VMPORTAL_STATS_INTERVAL"] = "2"
     qemu_stack.start("listener", "worker", "beat", "web")
     # The installer's stop must not fall before the listener subscribes.
     wait_until(listener_connected, timeout=30, what="the listener to subscribe to libvirt")
@@ -170,6 +174,32 @@ def test_a_user_gets_a_real_guest_and_drives_it_from_the_browser_without_reloadi
         print(f"LATENCY: event-to-DOM {ms:.0f} ms")
     assert all(0 <= ms < LATENCY_LIMIT_MS for ms in samples), samples
     assert board_seen.stream_responses("/events") == [200]
+
+    # --- its usage graphs move with the listener's sampling of the real guest ---
+    page.wait_for_function(
+        "() => +document.getElementById('guest-graphs').dataset.points >= 2", timeout=ACTION_MS
+    )
+    cpu = stats.series(guest.uuid, "hour")["cpu"]
+    assert any(v is not None and v > 0 for v in cpu), cpu  # a real guest uses some CPU
+
+    # --- a snapshot of the running guest, a change, a revert back to it, and its deletion ---
+    page.locator("#snapshot-name").fill("before-pause")
+    page.locator('[data-action="snapshot"]').click()
+    snap = page.locator('tr[data-snapshot="before-pause"]')
+    expect(snap).to_contain_text("disks and memory", timeout=ACTION_MS)
+    expect(page.locator("[data-action]").first).to_be_visible(timeout=ACTION_MS)
+    act(page, seen, "suspend", "Paused")
+    snap.locator('[data-action="revert"]').click()
+    expect(snap.locator(".warn")).to_contain_text("it comes back running")
+    snap.get_by_label("Type before-pause to confirm").fill("before-pause")
+    snap.get_by_role("button", name="Revert to before-pause").click()
+    expect(page.locator("#guest-state")).to_have_text("Running", timeout=ACTION_MS)
+    assert operations.get_info(demo.hv, uuid).state == GuestState.RUNNING
+    expect(page.locator("[data-action]").first).to_be_visible(timeout=ACTION_MS)
+    page.locator('tr[data-snapshot="before-pause"] [data-action="delete-snapshot"]').click()
+    expect(page.locator("#guest-snapshots")).to_contain_text("No snapshots.", timeout=ACTION_MS)
+    assert hvsnapshots.list_snapshots(demo.hv, uuid) == []
+    seen.assert_not_reloaded(loads)
 
     # --- delete: the wrong name is refused, the right one removes the guest everywhere ---
     delete(page, "not-the-name")
