@@ -107,11 +107,16 @@ def run(ctx: Context) -> dict[str, Any]:
         conn.close()
     per_guest = _storage_per_guest()
     return {
-        "stats_round_ms_1000": p95(rounds),
-        "stats_round_median_ms": median(rounds),
-        "stats_raw_bulk_call_median_ms": median(raw),
-        "stats_round_vs_raw_bulk_call": median(rounds) / median(raw),
-        "stats_bytes_per_guest_day": per_guest / 1000,
-        "stats_bytes_per_guest_full": per_guest,
-        "stats_guests": GUESTS,
+        "figures": {
+            "stats_round_ms_1000": p95(rounds),
+            "stats_bytes_per_guest_day": per_guest / 1000,
+        },
+        "details": {
+            "stats_round_ms": rounds,
+            "stats_round_median_ms": median(rounds),
+            "stats_raw_bulk_call_median_ms": median(raw),
+            "stats_round_vs_raw_bulk_call": median(rounds) / median(raw),
+            "stats_bytes_per_guest_full": per_guest,
+            "stats_guests": GUESTS,
+        },
     }
