@@ -193,6 +193,29 @@ def test_delete_takes_the_snapshots_with_the_guest(guest) -> None:
     assert not Snapshot.objects.filter(guest=guest).exists()
 
 
+def test_a_rebuild_takes_the_snapshots_with_the_old_disks(guest) -> None:
+    from provisioning.models import ProvisioningRequest
+    from provisioning.services import provision
+    from tests.support.engine import finish_installer, status_of
+
+    run(snapshots.snapshot_take(guest=guest, by=guest.owner, name="old-disk"))
+
+    request = provision.rebuild_submit(guest=guest, by=guest.owner, latest=True)
+    # The steps here, as a worker would run them: the guest shuts down (at once on the test
+    # driver), the disks are made anew, the installer runs and powers off, phase 2 boots.
+    for _ in range(10):
+        provision.advance(request.pk)
+        status = status_of(request)
+        if status == ProvisioningRequest.Status.WAITING:
+            finish_installer(request)
+            provision.request_domain_stopped(request.pk)
+        elif status in ProvisioningRequest.FINAL:
+            break
+
+    assert status_of(request) == ProvisioningRequest.Status.RUNNING, request.error
+    assert names(guest) == [] and in_libvirt(guest) == []
+
+
 def test_reconcile_adopts_a_snapshot_made_with_virsh_and_forgets_one_deleted_there(
     guest, settings
 ) -> None:
