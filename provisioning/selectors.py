@@ -209,15 +209,21 @@ def guest_snapshots(guest: Guest, *, busy: bool) -> dict[str, Any]:
     listed = list(guest.snapshots.all())
     for snap in listed:
         snap.loses = snapshots.what_revert_loses(guest, snap)  # type: ignore[attr-defined]
-    take = None if busy else snapshots.refusal(guest, Job.Kind.SNAPSHOT)
+    # Two queries in all (the list and the quota): the live stream renders this on every change.
+    held = [s.name for s in listed]
+    limit = snapshots.per_guest_limit(guest.owner)
+
+    def refused(kind: str) -> str | None:
+        return snapshots.refusal(guest, kind, held=held, limit=limit)
+
+    take = None if busy else refused(Job.Kind.SNAPSHOT)
     return {
         "snapshots": listed,
-        "snapshot_limit": snapshots.per_guest_limit(guest.owner),
+        "snapshot_limit": limit,
         "can_snapshot": not busy and take is None,
         "snapshot_refusal": take or "",
-        "can_revert": not busy and snapshots.refusal(guest, Job.Kind.REVERT) is None,
-        "can_delete_snapshot": not busy
-        and snapshots.refusal(guest, Job.Kind.SNAPSHOT_DELETE) is None,
+        "can_revert": not busy and refused(Job.Kind.REVERT) is None,
+        "can_delete_snapshot": not busy and refused(Job.Kind.SNAPSHOT_DELETE) is None,
     }
 
 

@@ -66,8 +66,19 @@ def per_guest_limit(user: Any) -> int:
     return quota.max_snapshots_per_guest if quota else DEFAULT_PER_GUEST
 
 
-def refusal(guest: Guest, kind: str, *, name: str = "") -> str | None:
-    """Why the guest cannot take this snapshot action now, or None when it can."""
+def refusal(
+    guest: Guest,
+    kind: str,
+    *,
+    name: str = "",
+    held: list[str] | None = None,
+    limit: int | None = None,
+) -> str | None:
+    """Why the guest cannot take this snapshot action now, or None when it can.
+
+    held (the names of its snapshots) and limit (its quota) save the queries when the caller
+    has them already.
+    """
     label = Job.Kind(kind).label
     if guest.autodestroy:
         # The lifecycle guide: autodestroy blocks snapshots (and save and migration).
@@ -77,17 +88,18 @@ def refusal(guest: Guest, kind: str, *, name: str = "") -> str | None:
         )
     if guest.state not in FROM_STATES[kind]:
         return f"{label} is not possible while {guest.name} is {guest.get_state_display().lower()}"
-    held = guest.snapshots.count()
+    names = held if held is not None else list(guest.snapshots.values_list("name", flat=True))
     if kind == K.SNAPSHOT:
-        limit = per_guest_limit(guest.owner)
-        if held >= limit:
+        limit = limit if limit is not None else per_guest_limit(guest.owner)
+        if len(names) >= limit:
+            count = len(names)
             return (
-                f"{guest.name} holds {held} snapshot{'s' if held != 1 else ''}, as many as your "
-                f"quota allows per guest ({limit}); delete one first"
+                f"{guest.name} holds {count} snapshot{'s' if count != 1 else ''}, as many as "
+                f"your quota allows per guest ({limit}); delete one first"
             )
-        if name and guest.snapshots.filter(name=name).exists():
+        if name and name in names:
             return f"{guest.name} has a snapshot named {name} already"
-    elif name and not guest.snapshots.filter(name=name).exists():
+    elif name and name not in names:
         return f"{guest.name} has no snapshot named {name}"
     return None
 

@@ -380,6 +380,13 @@ def test_a_failed_rebuild_keeps_the_guest_and_the_schedule_fires_again(
     assert info.exists and info.persistent and not info.active
     root = domxml.parse_untrusted(operations.get_xml(hv(), str(guest.uuid), inactive=True))
     assert root.find("os/kernel") is None
+    # The job fails with the request; the clean-up that records the guest stopped comes just
+    # after, and says so by clearing cleanup_pending.
+    wait_until(
+        lambda: not ProvisioningRequest.objects.get(pk=request.pk).cleanup_pending,
+        timeout=30,
+        what="the failed rebuild's clean-up",
+    )
     guest.refresh_from_db()
     # Stopped, unless the schedule's next firing (every 2 s) has already begun the next rebuild.
     later = ProvisioningRequest.objects.filter(guest=guest, pk__gt=request.pk)

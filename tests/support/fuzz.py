@@ -39,6 +39,7 @@ from django.conf import settings
 from django.contrib.auth.models import User
 from django.middleware.csrf import get_token
 from django.test import Client, RequestFactory
+from django.utils import timezone
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import Case, GenerationMode
@@ -61,6 +62,7 @@ from provisioning.models import (
     JobEvent,
     ProvisioningRequest,
     RebuildSchedule,
+    Snapshot,
     SshKey,
 )
 from provisioning.services import provision, schedules, tokens
@@ -141,6 +143,7 @@ CLOUD_CONFIGS = (
 )
 BIG_BODY = 3 * 1024 * 1024  # over Django's DATA_UPLOAD_MAX_MEMORY_SIZE (2.5 MiB)
 MANY_FIELDS = 1100  # over Django's DATA_UPLOAD_MAX_NUMBER_FIELDS (1000)
+SNAPSHOT = "fuzz-snap"  # the seeded snapshot the {name} of snapshot operations names
 
 
 # --- what the fuzzer runs against ---
@@ -216,6 +219,9 @@ def seed_rows(host: Host, template: GuestTemplate) -> Seeded:
     guests.append(factories.make_guest(owner=owner, host=host, name="fuzz-no-template"))
     factories.make_guest(owner=staff, template=template, host=host, name="staff-guest")
     factories.make_ssh_key(owner=owner)
+    Snapshot.objects.create(
+        guest=guests[1], name=SNAPSHOT, taken=timezone.now(), state="shutoff", memory=False
+    )
     schedules.schedule_create(guest=guests[2], by=owner, every_minutes=30)
     schedules.schedule_create(guest=guests[2], by=owner, cron="0 3 * * 1", enabled=False)
     provision.request_submit(
@@ -374,6 +380,8 @@ def _known_for(label: str, seeded: Seeded) -> dict[str, list[Any]]:
     if collection:
         name = "uuid" if collection == "guests" else "id"
         out[f"path:{name}"] = known[collection]
+    if "{name}" in label:
+        out["path:name"] = [SNAPSHOT]
     if label == "POST /api/v1/requests":
         out["body:template"] = known["templates"]
         out["body:ssh_keys"] = [[k] for k in known["keys"]]
@@ -529,7 +537,7 @@ class Fuzzer:
             if not collection:
                 return {}
             if collection == "guests":
-                return {"uuid": str(self.seeded.guests[1].uuid), "kind": "start"}
+                return {"uuid": str(self.seeded.guests[1].uuid), "kind": "start", "name": SNAPSHOT}
             return {"id": (self.seeded.known()[collection] or [1])[0]}
 
         def send(label: str, *, token: str | None = None, **kwargs: Any) -> Any:
