@@ -23,6 +23,7 @@ from bench.context import Context
 GUESTS = 10_000
 _COUNT = re.compile(r"· (\d+) guests")
 OWNERS = 100
+OWNER_PREFIX = "owner-"
 
 
 def _fill(ctx: Context) -> None:
@@ -33,9 +34,9 @@ def _fill(ctx: Context) -> None:
 
     users = get_user_model()
     users.objects.bulk_create(
-        [users(username=f"owner-{i:03d}", password="!") for i in range(OWNERS)]
+        [users(username=f"{OWNER_PREFIX}{i:03d}", password="!") for i in range(OWNERS)]
     )
-    owners = list(users.objects.filter(username__startswith="owner-"))
+    owners = list(users.objects.filter(username__startswith=OWNER_PREFIX))
     rng = random.Random(7)
     now = timezone.now()
     states = ["running"] * 6 + ["defined"] * 3 + ["paused"]
