@@ -2,11 +2,12 @@
 
 1,000 guests run on the test driver (transient domains, each with a row on the test host). One
 round is what the listener does every interval: `services.stats.Sampler.round()`, one bulk
-`getAllDomainStats` call, the rates, one Redis pipeline of points and their publishes. The
-anchor is the bulk call alone on a raw libvirt-python connection, in the same run. The storage
-figure is the Redis memory (MEMORY USAGE) of one guest's three tiers when all are full: what a
-guest costs at any time, whatever its age, since nothing grows past the tiers' lengths.
-"""
+`getAllDomainStats` call, the rates, one Redis command storing the points, and the publishes of
+the points someone watches (none for the figure; the details also give a round with a listener
+on every guest's channel). The anchor is the bulk call alone on a raw libvirt-python connection,
+in the same run. The storage figure is the Redis memory (MEMORY USAGE) of one guest's three
+tiers when all are full, and its sparkline: what a guest costs at any time, whatever its age,
+since nothing grows past the tiers' lengths."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 import uuid as uuidlib
 from typing import Any
 
-from bench.common import median, p95
+from bench.common import median, p95, wait_for
 from bench.context import Context
 from bench.stack import TEST_URI
 
@@ -42,9 +43,35 @@ def _storage_per_guest() -> int:
     # A point every 15 minutes closes a bucket of each coarse tier each time: 800 fill all three.
     store.write([(uuid, 1_700_000_100 + 900 * i, (1.0,) * 6) for i in range(800)], publish=False)
     try:
-        return sum(client().memory_usage(stats.key(uuid, t)) or 0 for t in stats.TIERS.values())
+        return sum(client().memory_usage(name) or 0 for name in stats.keys(uuid))
     finally:
         stats.forget_guest(uuid)
+
+
+def _rounds_watched(sampler: Any, uuids: list[str], count: int) -> list[float]:
+    """Rounds (ms) while one listener is subscribed to every guest's channel, as if each had its
+    page open: what the publishes cost at most."""
+    from provisioning.channels import guest_channel
+    from vmportal.heartbeat import client
+
+    pubsub = client().pubsub()
+    pubsub.subscribe(*(guest_channel(u) for u in uuids))
+    try:
+        wait_for(
+            lambda: len(client().pubsub_channels(guest_channel("*"))) >= len(uuids),  # type: ignore[arg-type]
+            timeout=30,
+            what="the subscriptions",
+        )
+        rounds = []
+        for _ in range(count):
+            start = time.perf_counter()
+            sampler.round()
+            rounds.append((time.perf_counter() - start) * 1000)
+            while pubsub.get_message(timeout=0):  # keep the listener's buffer drained
+                pass
+        return rounds
+    finally:
+        pubsub.close()
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -89,6 +116,7 @@ def run(ctx: Context) -> dict[str, Any]:
             rounds.append((time.perf_counter() - start) * 1000)
         if stored < GUESTS:
             raise RuntimeError(f"a round stored {stored} points for {GUESTS} running guests")
+        watched = _rounds_watched(sampler, uuids, ctx.runs(5, 10))
         raw: list[float] = []
         for _ in range(ctx.runs(10, 30)):
             start = time.perf_counter()
@@ -114,6 +142,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "details": {
             "stats_round_ms": rounds,
             "stats_round_median_ms": median(rounds),
+            "stats_round_all_watched_median_ms": median(watched),
             "stats_raw_bulk_call_median_ms": median(raw),
             "stats_round_vs_raw_bulk_call": median(rounds) / median(raw),
             "stats_bytes_per_guest_full": per_guest,

@@ -57,7 +57,15 @@ class Rates:
     net_tx_bps: float | None
 
     def values(self) -> tuple[float | None, ...]:
-        return dataclasses.astuple(self)
+        # In FIELDS' order; written out, as dataclasses.astuple deep-copies (a tenth of a round).
+        return (
+            self.cpu_percent,
+            self.mem_used_bytes,
+            self.disk_read_bps,
+            self.disk_write_bps,
+            self.net_rx_bps,
+            self.net_tx_bps,
+        )
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Rates))

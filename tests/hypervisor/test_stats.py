@@ -98,3 +98,16 @@ def test_one_call_reads_every_running_guest_and_leaves_out_stopped_ones(
     assert stopped not in read
     # The test driver reports states only: the counters are unknown, never made up.
     assert read[running[0][0]].cpu_ns is None
+
+
+def test_a_rates_values_come_in_the_order_of_its_fields() -> None:
+    rates = stats.Rates(1.0, 2.0, 3.0, None, 5.0, 6.0)
+
+    assert dict(zip(stats.FIELDS, rates.values(), strict=True)) == {
+        "cpu_percent": 1.0,
+        "mem_used_bytes": 2.0,
+        "disk_read_bps": 3.0,
+        "disk_write_bps": None,
+        "net_rx_bps": 5.0,
+        "net_tx_bps": 6.0,
+    }

@@ -73,10 +73,11 @@ def test_a_guest_with_every_tier_full_stays_under_its_bound(uuid) -> None:
     # all three tiers, as a week of sampling would.
     points = [(uuid, 1_700_000_100 + 900 * i, VALUES) for i in range(800)]
     store.write(points, publish=False)
-    used = sum(client().memory_usage(stats.key(uuid, tier)) or 0 for tier in stats.TIERS.values())
+    used = sum(client().memory_usage(name) or 0 for name in stats.keys(uuid))
     lengths = [client().llen(stats.key(uuid, tier)) for tier in stats.TIERS.values()]
 
     assert lengths == [360, 720, 672]
+    assert len(client().get(stats.spark_key(uuid))) == stats.SPARK_POINTS
     assert used <= 200 * 1024, used
 
 
@@ -101,6 +102,45 @@ def test_a_point_is_published_on_the_guests_channel_for_an_open_page(uuid) -> No
         "net_rx": 100.0,
         "net_tx": 50.0,
     }
+
+
+def test_only_the_channels_someone_listens_on_get_the_points(uuid) -> None:
+    unwatched = new_uuid()
+    pubsub = client().pubsub()
+    pubsub.subscribe(guest_channel(uuid))
+    # A pattern subscription hears every publish without counting as a listener of a channel.
+    pubsub.psubscribe(guest_channel("*"))
+    for _ in range(2):
+        wait_until(lambda: pubsub.get_message(timeout=0.1), timeout=5, what="the subscriptions")
+
+    stats.Store(interval=10).write([(unwatched, 1_000, VALUES), (uuid, 1_000, VALUES)])
+
+    heard = []
+    while message := pubsub.get_message(timeout=1):
+        heard.append((message["type"], message["channel"].decode()))
+    pubsub.close()
+    stored = stats.series(unwatched, "hour")["t"]
+    stats.forget_guest(unwatched)
+    assert ("message", guest_channel(uuid)) in heard
+    assert all(channel == guest_channel(uuid) for _type, channel in heard)
+    assert stored == [1_000]  # stored all the same
+
+
+def test_a_sparkline_keeps_the_last_readings_in_half_percents_and_skips_unknown_ones(
+    uuid,
+) -> None:
+    readings = [float(i) + 0.5 for i in range(35)] + [None, 250.0, -3.0]
+    for i, cpu in enumerate(readings):
+        # A new store each time, as after a listener restart: the line lives in Redis.
+        stats.Store(interval=10).write(
+            [(uuid, 1_000 + 10 * i, (cpu, None, None, None, None, None))], publish=False
+        )
+
+    line = stats.recent_cpu([uuid])[uuid]
+
+    # The last 30 readings, less the unknown one; out-of-range readings are clamped.
+    assert line == [float(i) + 0.5 for i in range(8, 35)] + [100.0, 0.0]
+    assert client().ttl(stats.spark_key(uuid)) > 3600  # it goes with the hour's series
 
 
 def test_recent_cpu_reads_every_row_of_a_page_at_once_and_skips_unsampled_guests(uuid) -> None:
@@ -151,3 +191,4 @@ def test_forgetting_a_guest_removes_every_tier(uuid) -> None:
     stats.forget_guest(uuid)
 
     assert all(stats.series(uuid, name)["t"] == [] for name in stats.TIERS)
+    assert stats.recent_cpu([uuid]) == {}
