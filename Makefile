@@ -40,7 +40,7 @@ prepare:
 	$(PY) manage.py seed_demo --network --methods
 
 # The Debian 12 cloud-init demo template: its image (provisioning/demo/debian.py, built from
-# Debian packages in 2-3 minutes once, cached in var/demo/debian), a NAT network, the template.
+# Debian packages in 2-3 minutes once, cached in /var/cache/vmportal/demo/debian), a NAT network, the template.
 demo-debian: setup services
 	$(PY) manage.py migrate --noinput -v0
 	$(PY) manage.py seed_demo --debian

@@ -70,13 +70,14 @@ ARM_JS = """
 
 def _boot_guest(ctx: Context) -> tuple[str, str]:
     """A running tiny guest with a shell on its serial console; (uuid, name)."""
+    from django.conf import settings
     from lxml import etree
 
     from provisioning.demo import tinyguest
     from provisioning.hypervisor import operations
     from provisioning.hypervisor.connection import get_hypervisor
 
-    guest = tinyguest.cached(Path("var/demo")) or tinyguest.build(Path("var/demo"))
+    guest = tinyguest.cached(settings.DEMO_DIR) or tinyguest.build(settings.DEMO_DIR)
     STAGE.mkdir(mode=0o755, parents=True, exist_ok=True)
     for source, name in ((guest.kernel, "vmlinuz"), (guest.runtime_initrd, "initrd.img")):
         shutil.copyfile(source, STAGE / name)

@@ -177,7 +177,9 @@ if ANSWER_BASE_URL and (_answer_host := urlsplit(ANSWER_BASE_URL).hostname):
     # Installers fetch with that address as their Host header.
     ALLOWED_HOSTS = [*ALLOWED_HOSTS, _answer_host]
 SAVE_DIR = Path(env.str("VMPORTAL_SAVE_DIR", default="/var/lib/libvirt/qemu/save"))
-DEMO_DIR = Path(env.str("VMPORTAL_DEMO_DIR", default=str(VAR_DIR / "demo")))
+# The demo images (the tiny guest, the Debian image): slow to build and the same for every
+# checkout on the machine, so kept in the machine's cache, each keyed by its recipe and builder.
+DEMO_DIR = Path(env.str("VMPORTAL_DEMO_DIR", default="/var/cache/vmportal/demo"))
 
 # Celery. Long waits never hold a slot: tasks are short, so a modest visibility timeout
 # that is still far above every task's hard time limit keeps redelivery safe.

@@ -11,7 +11,7 @@ The tree comes from mmdebstrap, fetching from the mirrors in this machine's own 
 Artifacts are cached in a folder and rebuilt only when missing or when the recipe changed.
 Stdlib only; shells out to Debian tools (installed with apt-get when missing, as root).
 
-    python -m provisioning.demo.debian var/demo/debian [--force]
+    python -m provisioning.demo.debian /var/cache/vmportal/demo/debian [--force]
 """
 
 from __future__ import annotations
@@ -298,6 +298,9 @@ def _recipe_hash() -> str:
         repr(_DPKG_OPTIONS),
         json.dumps(IMAGE_FILES, sort_keys=True),
         _CUSTOMIZE_SCRIPT,
+        # The builder's own code too: the cache is shared by every checkout on the machine
+        # (settings.DEMO_DIR), and must not outlive a change to how it is built.
+        Path(__file__).read_text(),
     ]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
@@ -537,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Build the Debian 12 cloud image into a cache folder.",
     )
     parser.add_argument(
-        "cache_dir", type=Path, help="folder of the artifacts, e.g. var/demo/debian"
+        "cache_dir", type=Path, help="folder of the artifacts, e.g. /var/cache/vmportal/demo/debian"
     )
     parser.add_argument("--force", action="store_true", help="rebuild even when cached")
     args = parser.parse_args(argv)

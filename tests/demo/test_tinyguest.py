@@ -152,10 +152,10 @@ def _fake_build_into(content: bytes, fail: bool = False) -> Callable[..., str]:
     """Stand-in for the real build steps, writing every artifact (or failing half-way)."""
 
     def build_into(out: Path, work: Path, log: Callable[[str], None]) -> str:
-        (out / "vmlinuz").write_bytes(content)
+        (out / "vmlinux").write_bytes(content)
         if fail:
             raise BuildError("iso: xorriso", "simulated crash")
-        for name in ["initrd.img", "initrd-runtime.img", "boot.img", "tinyguest.iso"]:
+        for name in ["vmlinuz", "initrd.img", "initrd-runtime.img", "boot.img", "tinyguest.iso"]:
             (out / name).write_bytes(content)
         (out / "pxe" / "pxelinux.cfg").mkdir(parents=True)
         for name in ["pxelinux.0", "ldlinux.c32", "pxelinux.cfg/default", "vmlinuz", "initrd.img"]:
@@ -185,6 +185,31 @@ def test_it_replaces_the_cache_when_forced(tmp_path: Path, monkeypatch: pytest.M
     assert new.kernel.read_bytes() == b"new"
     assert new.kernel_version == "9.9.9-fake"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tinyguest.lock", "tinyguest"]
+
+
+def test_the_direct_boot_kernel_is_the_bzimages_own_elf_kernel_with_a_pvh_entry(
+    guest: TinyGuest,
+) -> None:
+    bzimage = (guest.kernel.parent / "vmlinuz").read_bytes()
+
+    elf = guest.kernel.read_bytes()
+
+    assert bzimage[0x202:0x206] == b"HdrS" and elf[:4] == b"\x7fELF"
+    assert tinyguest._has_pvh_entry(elf)
+    assert tinyguest.direct_boot_kernel(bzimage) == elf
+    assert len(elf) > len(bzimage)  # decompressed: nothing left to unpack under emulation
+
+
+def test_a_bzimage_without_a_payload_it_can_unpack_is_kept_as_it_is() -> None:
+    header = bytearray(0x400)
+    header[0x1F1] = 1  # one setup sector: the payload starts at 1024
+    header[0x202:0x206] = b"HdrS"
+    header[0x248:0x250] = (0).to_bytes(4, "little") + (8).to_bytes(4, "little")
+    unknown = bytes(header) + b"\x28\xb5\x2f\xfdzstd"  # a zstd payload
+
+    assert tinyguest.direct_boot_kernel(unknown) == unknown
+    with pytest.raises(BuildError, match="not a bzImage"):
+        tinyguest.direct_boot_kernel(b"\x7fELF" + bytes(0x300))
 
 
 def test_it_makes_the_artifacts_readable_by_other_users(guest: TinyGuest) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import libvirt
+from django.conf import settings
 from lxml import etree
 
 from provisioning.demo import tinyguest
@@ -38,7 +39,7 @@ from provisioning.hypervisor import storage as hv_storage
 
 ROOT = Path(__file__).resolve().parents[2]
 # The tiny guest's build cache, shared with `make run` (provisioning/demo/tinyguest.py).
-DEMO_CACHE = ROOT / "var" / "demo"
+DEMO_CACHE = settings.DEMO_DIR
 # KVM guests hang on these machines (see FIELD-NOTES): emulate unless told otherwise.
 DOMAIN_TYPE = os.environ.get("VMPORTAL_TEST_DOMAIN_TYPE", "qemu")
 # A folder QEMU (libvirt-qemu) and libvirt's dnsmasq (nobody) can read, outside the repo, so
