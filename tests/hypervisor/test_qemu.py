@@ -129,7 +129,10 @@ class Guest:
         )
 
     def cpu_time_ns(self) -> int:
-        return int(self.hv.connection().lookupByUUIDString(self.uuid).info()[4])
+        """What the guest's vCPU threads have run. Not info()'s CPU time: that is the whole QEMU
+        process's, whose main loop can tick (10 ms, seen) while the vCPUs stay paused."""
+        vcpus, _pinning = self.hv.connection().lookupByUUIDString(self.uuid).vcpus()
+        return sum(int(cpu_time) for _number, _state, cpu_time, _cpu in vcpus)
 
     def remove(self) -> None:
         destroy(self.hv, self.uuid)

@@ -44,6 +44,8 @@ pytestmark = pytest.mark.faults
 Status = ProvisioningRequest.Status
 ALL_STEPS = ["admitted", "preparing", "installing", "waiting", "defining", "starting", "running"]
 RECOVERY_TIMEOUT = 60.0
+# Celery's line for a run of the advance task that returned.
+_ADVANCE_DONE = re.compile(r"Task provisioning\.advance_request\[[^\]]+\] succeeded")
 
 
 # --- processes -------------------------------------------------------------------------------
@@ -464,6 +466,14 @@ def test_redis_down_when_the_installer_finishes_delays_the_request_but_loses_not
     rig.start("beat")
     request = submit(make_user("kim"), kernel_template, "rdl1")
     wait_status(request, Status.WAITING)
+    # The step that started the installer looks at it once more after recording the wait, and
+    # goes on itself if it already stopped: shut it down only once that run is over, or the
+    # worker rightly finishes the request with the broker away (seen in CI).
+    wait_until(
+        lambda: _ADVANCE_DONE.search(rig.log("worker")),
+        timeout=30,
+        what="the worker's install step to return",
+    )
     rig.stack.redis.stop()
     operations.shutdown(hv, uuid_of(request))
     # The listener records the installer's end in the database; only queueing the next step fails.
