@@ -21,6 +21,7 @@ from django.template.loader import render_to_string
 from . import selectors
 from .channels import GUESTS, guest_channel, job_channel, owner_channel, request_channel
 from .models import Guest, ProvisioningRequest
+from .templatetags import rows
 
 log = logging.getLogger(__name__)
 KEEPALIVE_SECONDS = 15.0
@@ -218,18 +219,11 @@ def dashboard_events(request: HttpRequest) -> StreamingHttpResponse:
             key = f"{state}/{reason}"
             if last.get(uuid) != key:
                 last[uuid] = key
-                html = render_to_string(
-                    "provisioning/htmx/state_badge.html",
-                    {"uuid": uuid, "state": state, "reason": reason, "display": display},
-                )
-                changed.append((f"guest-{uuid}", html))
+                changed.append((f"guest-{uuid}", rows.state_badge(state, reason, display)))
             shown = " ".join(addresses)
             if last.get(f"addr-{uuid}", "") != shown:
                 last[f"addr-{uuid}"] = shown
-                html = render_to_string(
-                    "provisioning/htmx/addresses.html", {"addresses": addresses}
-                )
-                changed.append((f"addr-{uuid}", html))
+                changed.append((f"addr-{uuid}", rows.address_list(addresses)))
         return changed
 
     return sse_response(sse_stream([channel], render))
