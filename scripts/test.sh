@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 LIBVIRT_URI=qemu:///system scripts/ensure-libvirtd.sh
 
 # Parallel by default: VMPORTAL_TEST_WORKERS processes (0: one process), unless ARGS say -n.
-workers=${VMPORTAL_TEST_WORKERS:-3}
+# Four on 2 cores: with three, a third of the CPU sat idle while tests waited on processes and
+# guests (measured); with four, the database-bound pass ran 16% faster with the CPU at 95%.
+workers=${VMPORTAL_TEST_WORKERS:-4}
 xdist=()
 if (( workers > 0 )) && ! printf '%s\n' "$@" | grep -qE '^(-n|--numprocesses)'; then
   # The real-QEMU tests form one group that one worker runs (tests/conftest.py); the rest

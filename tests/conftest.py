@@ -94,8 +94,8 @@ def stack(transactional_db: None, own_redis: RedisServer, settings) -> Iterator[
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Real-QEMU tests run one at a time, in one process (`--dist loadgroup`): their guests are
     emulated (TCG) and take a core each, and side by side they missed their own deadlines. Two
-    such processes run side by side, about equally long (measured in CI: 9 to 10 minutes each
-    with the Debian image cached), so the run's tail is not their sum: the engine's, the pages'
+    such processes run side by side, about equally long (11 minutes each in CI on 2 cores, the
+    Debian image cached), so the run's tail is not their sum: the engine's, the pages'
     and the API's on one; the images' and the hypervisor layer's on the other (the Debian
     image's build and its boot to SSH, which waits minutes on cloud-init with deadlines to
     match, the tiny guest's own boots, the demo's registration, and libvirt driven directly)."""
