@@ -48,6 +48,17 @@ def _storage_per_guest() -> int:
         stats.forget_guest(uuid)
 
 
+def _timed(call: Any, count: int) -> tuple[list[float], Any]:
+    """Milliseconds of each of `count` calls, and what the last one returned."""
+    times: list[float] = []
+    result = None
+    for _ in range(count):
+        start = time.perf_counter()
+        result = call()
+        times.append((time.perf_counter() - start) * 1000)
+    return times, result
+
+
 def _rounds_watched(sampler: Any, uuids: list[str], count: int) -> list[float]:
     """Rounds (ms) while one listener is subscribed to every guest's channel, as if each had its
     page open: what the publishes cost at most."""
@@ -108,20 +119,13 @@ def run(ctx: Context) -> dict[str, Any]:
         )
         sampler = stats.Sampler(host)
         sampler.round()  # the first read has nothing to rate against
-        rounds: list[float] = []
-        stored = 0
-        for _ in range(ctx.runs(10, 30)):
-            start = time.perf_counter()
-            stored = sampler.round()
-            rounds.append((time.perf_counter() - start) * 1000)
+        rounds, stored = _timed(sampler.round, ctx.runs(10, 30))
         if stored < GUESTS:
             raise RuntimeError(f"a round stored {stored} points for {GUESTS} running guests")
         watched = _rounds_watched(sampler, uuids, ctx.runs(5, 10))
-        raw: list[float] = []
-        for _ in range(ctx.runs(10, 30)):
-            start = time.perf_counter()
-            records = conn.getAllDomainStats(hvstats._GROUPS, hvstats._FLAGS)
-            raw.append((time.perf_counter() - start) * 1000)
+        raw, records = _timed(
+            lambda: conn.getAllDomainStats(hvstats._GROUPS, hvstats._FLAGS), ctx.runs(10, 30)
+        )
         if len(records) < GUESTS:
             raise RuntimeError(f"getAllDomainStats saw {len(records)} of {GUESTS} guests")
     finally:

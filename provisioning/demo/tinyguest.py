@@ -590,10 +590,11 @@ def _build_into(out: Path, work: Path, log: Callable[[str], None]) -> str:
     deb.unlink()
     vmlinuz, version = _find_kernel(tree)
     modules = _collect_modules(tree / "lib" / "modules" / version, log)
-    shutil.copyfile(vmlinuz, out / _FILES["bzimage"])
+    bzimage = vmlinuz.read_bytes()
     shutil.rmtree(tree)
+    (out / _FILES["bzimage"]).write_bytes(bzimage)
     log("tiny guest: unpacking the kernel for direct (PVH) boot")
-    (out / _FILES["kernel"]).write_bytes(direct_boot_kernel((out / _FILES["bzimage"]).read_bytes()))
+    (out / _FILES["kernel"]).write_bytes(direct_boot_kernel(bzimage))
 
     log("tiny guest: writing the runtime initramfs")
     runtime = _runtime_initramfs(modules)
@@ -633,8 +634,9 @@ def _run(step: str, argv: Sequence[str], *, cwd: Path | None = None) -> str:
     return proc.stdout
 
 
-# x86 boot protocol (Documentation/arch/x86/boot.rst): offsets into a bzImage's setup header.
-_SETUP_SECTS, _HEADER_MAGIC, _PAYLOAD_OFFSET, _PAYLOAD_LENGTH = 0x1F1, 0x202, 0x248, 0x24C
+# x86 boot protocol (Documentation/arch/x86/boot.rst): offsets into a bzImage's setup header;
+# payload_offset and payload_length are two uint32 side by side.
+_SETUP_SECTS, _HEADER_MAGIC, _PAYLOAD_OFFSET = 0x1F1, 0x202, 0x248
 _XEN_ELFNOTE_PHYS32_ENTRY = 18  # the PVH entry point's ELF note (Xen's note numbering)
 
 
