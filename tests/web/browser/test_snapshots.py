@@ -54,3 +54,33 @@ def test_a_user_takes_reverts_and_deletes_a_snapshot_from_the_guest_page(
     page.locator('tr[data-snapshot="pre-change"]').get_by_role("button", name="Delete").click()
     expect(page.locator("#guest-snapshots")).to_contain_text("No snapshots.", timeout=30_000)
     assert hvsnapshots.list_snapshots(hv, str(guest.uuid)) == []
+
+
+def test_what_a_user_types_survives_the_stream_redrawing_the_page(
+    stack, make_user, kernel_template: GuestTemplate, page: Page
+) -> None:
+    owner = make_user("sam")
+    guest = provision_running(owner, kernel_template, "typed").guest
+    hv = get_hypervisor(guest.host.uri)
+    stack.start("web", "worker", "listener")
+    log_in(page, stack.base_url, "sam", PASSWORD)
+    page.goto(f"{stack.base_url}/guests/{guest.uuid}/")
+    expect(page.locator("#guest-state")).to_have_text("Running")
+
+    page.locator("#snapshot-name").fill("before-upgrade")
+    page.locator("#snapshot-description").fill("kernel 6.1")
+    page.get_by_text("Delete…").click()
+    page.get_by_label("Type typed to confirm").fill("typ")
+    # The guest is paused behind the page's back: the stream redraws the whole status part.
+    operations.suspend(hv, str(guest.uuid))
+    expect(page.locator("#guest-state")).to_have_text("Paused", timeout=30_000)
+    expect(page.locator("#snapshot-name")).to_have_value("before-upgrade")
+    expect(page.locator("#snapshot-description")).to_have_value("kernel 6.1")
+    expect(page.locator("details.delete")).to_have_attribute("open", "")
+    expect(page.get_by_label("Type typed to confirm")).to_have_value("typ")
+
+    # What was sent is spent: the redraw after the job leaves an empty form.
+    page.get_by_role("button", name="Take snapshot (disks and memory)").click()
+    expect(page.locator('tr[data-snapshot="before-upgrade"]')).to_be_visible(timeout=30_000)
+    expect(page.locator("#snapshot-name")).to_have_value("")
+    expect(page.get_by_label("Type typed to confirm")).to_have_value("typ")
