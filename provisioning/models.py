@@ -863,6 +863,10 @@ class SshKey(models.Model):
         return f"{self.name} ({self.fingerprint})"
 
 
+# The longest snapshot name kept (libvirt sets no limit; longer ones are not adopted).
+SNAPSHOT_NAME_MAX = 255
+
+
 class Snapshot(models.Model):
     """An internal snapshot of a guest, as libvirt has it (libvirt is the truth: rows follow it).
 
@@ -872,14 +876,16 @@ class Snapshot(models.Model):
     """
 
     guest = models.ForeignKey(Guest, on_delete=models.CASCADE, related_name="snapshots")
-    name = models.CharField(max_length=50)
+    # The portal names its own within services.snapshots.NAME (50 characters); one made outside
+    # it (virsh) is adopted with its name as it is, up to SNAPSHOT_NAME_MAX.
+    name = models.CharField(max_length=SNAPSHOT_NAME_MAX)
     description = models.CharField(max_length=200, blank=True)
     taken = models.DateTimeField()
     # The guest's state when taken (libvirt's word: running, paused, shutoff, ...).
     state = models.CharField(max_length=16)
     memory = models.BooleanField(default=False, help_text="Holds the guest's memory too.")
     current = models.BooleanField(default=False, help_text="The one the guest last came from.")
-    parent = models.CharField(max_length=50, blank=True)
+    parent = models.CharField(max_length=SNAPSHOT_NAME_MAX, blank=True)
     # What the disks grew by when it was taken (internal snapshots share the disk files); None
     # for one the portal did not take.
     size_bytes = models.BigIntegerField(null=True, blank=True)

@@ -16,13 +16,13 @@ urlpatterns = [
     path("guests/<uuid:uuid>/stats", views.guest_stats, name="guest-stats"),
     path("guests/<uuid:uuid>/snapshots", views.snapshot_take, name="snapshot-take"),
     path(
-        "guests/<uuid:uuid>/snapshots/<str:name>/revert",
+        "guests/<uuid:uuid>/snapshots/<path:name>/revert",
         views.snapshot_change,
         {"kind": "revert"},
         name="snapshot-revert",
     ),
     path(
-        "guests/<uuid:uuid>/snapshots/<str:name>/delete",
+        "guests/<uuid:uuid>/snapshots/<path:name>/delete",
         views.snapshot_change,
         {"kind": "delete"},
         name="snapshot-delete",

@@ -22,6 +22,7 @@ from ninja.responses import NinjaJSONEncoder
 from provisioning import selectors, streams
 from provisioning.channels import guest_channel, job_channel, request_channel
 from provisioning.models import (
+    SNAPSHOT_NAME_MAX,
     Guest,
     GuestTemplate,
     Host,
@@ -569,12 +570,12 @@ def snapshot_take(request: HttpRequest, uuid: UUID, body: s.SnapshotIn) -> HttpR
 
 
 @guests.post(
-    "/{uuid}/snapshots/{name}/revert",
+    "/{uuid}/snapshots/{path:name}/revert",
     response=_answers({202: s.JobOut}),
     summary="Revert to a snapshot",
 )
 def snapshot_revert(
-    request: HttpRequest, uuid: UUID, name: str = Path(..., max_length=50)
+    request: HttpRequest, uuid: UUID, name: str = Path(..., max_length=SNAPSHOT_NAME_MAX)
 ) -> HttpResponse:
     """A job that returns the guest to the snapshot: what it wrote since is lost, and its
     memory now if the snapshot holds memory (it comes back running or paused as it was)."""
@@ -588,10 +589,12 @@ def snapshot_revert(
 
 
 @guests.delete(
-    "/{uuid}/snapshots/{name}", response=_answers({202: s.JobOut}), summary="Delete a snapshot"
+    "/{uuid}/snapshots/{path:name}",
+    response=_answers({202: s.JobOut}),
+    summary="Delete a snapshot",
 )
 def snapshot_delete(
-    request: HttpRequest, uuid: UUID, name: str = Path(..., max_length=50)
+    request: HttpRequest, uuid: UUID, name: str = Path(..., max_length=SNAPSHOT_NAME_MAX)
 ) -> HttpResponse:
     """A job that deletes one snapshot (the others and the guest stay as they are)."""
     guest = _guest(request, uuid)

@@ -9,6 +9,7 @@ or deleted with virsh is adopted or forgotten the same way.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
 from typing import Any
 
@@ -26,7 +27,7 @@ from provisioning.hypervisor import snapshots as hvsnapshots
 from provisioning.hypervisor.connection import Hypervisor
 from provisioning.hypervisor.errors import HypervisorError, NotFound
 from provisioning.hypervisor.types import DomainInfo
-from provisioning.models import Guest, Host, Job, Quota, Snapshot
+from provisioning.models import SNAPSHOT_NAME_MAX, Guest, Host, Job, Quota, Snapshot
 from provisioning.services import audit, transitions
 from vmportal.heartbeat import client
 
@@ -41,6 +42,7 @@ CRASH_POINTS = (
     "revert:done",
     "snapshot-delete:done",
 )
+log = logging.getLogger(__name__)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,49}$")
 BAD_NAME = (
     "A snapshot's name is 1 to 50 letters, digits, dots, dashes or underscores, "
@@ -263,6 +265,15 @@ def sync_listed(
     *,
     sizes: dict[str, int] | None = None,
 ) -> tuple[int, int]:
+    kept = [s for s in listed if len(s.name) <= SNAPSHOT_NAME_MAX]
+    if len(kept) < len(listed):
+        log.warning(
+            "guest %s: %d snapshot(s) with names over %d characters are not shown",
+            guest.uuid,
+            len(listed) - len(kept),
+            SNAPSHOT_NAME_MAX,
+        )
+    listed = kept
     with transaction.atomic():
         rows = {s.name: s for s in Snapshot.objects.select_for_update().filter(guest=guest)}
         names = {s.name for s in listed}
@@ -276,13 +287,13 @@ def sync_listed(
                 "state": info.state[:16],
                 "memory": info.memory,
                 "current": info.current,
-                "parent": (info.parent or "")[:50],
+                "parent": (info.parent or "")[:SNAPSHOT_NAME_MAX],
             }
             if sizes and info.name in sizes:
                 fields["size_bytes"] = sizes[info.name]
             row = rows.get(info.name)
             if row is None:
-                Snapshot.objects.create(guest=guest, name=info.name[:50], **fields)
+                Snapshot.objects.create(guest=guest, name=info.name, **fields)
                 adopted += 1
             elif any(getattr(row, k) != v for k, v in fields.items()):
                 Snapshot.objects.filter(pk=row.pk).update(**fields)

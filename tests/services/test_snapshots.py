@@ -318,3 +318,55 @@ def test_a_snapshot_schedule_must_keep_fewer_than_the_quota(guest) -> None:
         )
     with pytest.raises(schedules.ScheduleError, match="Keep 1 to 4"):
         schedules.schedule_create(guest=guest, by=guest.owner, every_minutes=60, action="snapshot")
+
+
+LONG = "nightly-before-the-kernel-upgrade-of-the-whole-fleet-2026"  # 57 characters
+ODD = "before upgrade/v2"  # what virsh takes and the portal would not
+
+
+def test_reconcile_adopts_names_the_portal_would_not_give_once_and_keeps_them(
+    guest, settings
+) -> None:
+    settings.SNAPSHOT_RECONCILE_SECONDS = 1
+    hv = get_hypervisor(guest.host.uri)
+    for name in (LONG, LONG + "-b", ODD):  # the first two share their first fifty characters
+        hvsnapshots.create_snapshot(hv, str(guest.uuid), name)
+
+    assert snapshots.sync(hv, guest) == (3, 0)
+    assert sorted(names(guest)) == sorted([LONG, LONG + "-b", ODD])
+    assert snapshots.sync(hv, guest) == (0, 0)  # the same rows on the next look: no churn
+    assert sorted(names(guest)) == sorted(in_libvirt(guest))
+
+
+def test_a_snapshot_named_outside_the_portal_is_reverted_and_deleted_from_the_page_and_api(
+    guest, client
+) -> None:
+    from urllib.parse import quote
+
+    from django.urls import reverse
+
+    from tests.api.conftest import call, make_token
+
+    hv = get_hypervisor(guest.host.uri)
+    for name in (LONG, ODD):
+        hvsnapshots.create_snapshot(hv, str(guest.uuid), name)
+    snapshots.sync(hv, guest)
+    client.force_login(guest.owner)
+
+    page = client.get(f"/guests/{guest.uuid}/")
+    assert page.status_code == 200
+    revert = reverse("snapshot-revert", args=[guest.uuid, ODD])
+    assert revert.encode() in page.content
+    answer = client.post(revert, {"confirm": ODD})
+    assert answer.status_code == 302
+    job = guest.jobs.get(kind=K.REVERT)
+    assert job.data == {"name": ODD}
+    assert run(job).status == Job.Status.SUCCEEDED, job.error
+
+    token = make_token(guest.owner, name="odd names")
+    listed = call("GET", f"/api/v1/guests/{guest.uuid}/snapshots", token=token).json()
+    assert sorted(i["name"] for i in listed["items"]) == sorted([LONG, ODD])
+    answer = call("DELETE", f"/api/v1/guests/{guest.uuid}/snapshots/{quote(ODD)}", token=token)
+    assert answer.status_code == 202, answer.content
+    assert run(guest.jobs.get(kind=K.SNAPSHOT_DELETE)).status == Job.Status.SUCCEEDED
+    assert in_libvirt(guest) == [LONG] and names(guest) == [LONG]
