@@ -409,13 +409,9 @@ class ApiTokenAdmin(AuditedAdmin):
         done = 0
         for token in queryset.filter(revoked__isnull=True).select_related("user"):
             try:
-                tokens.token_revoke(user=token.user, token_id=token.pk)
+                tokens.token_revoke(user=token.user, token_id=token.pk, by=request.user)
             except models.ApiToken.DoesNotExist:
                 continue  # revoked meanwhile
-            # token_revoke names the owner as its actor; this row names who revoked it.
-            audit.record(
-                _action(token, "revoke"), token, by=request.user, detail=f"of {token.user}"
-            )
             done += 1
         self.message_user(request, f"Revoked {done} token{'s' if done != 1 else ''}.")
 

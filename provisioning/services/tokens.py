@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.contrib.auth.models import User
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, User
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
@@ -72,15 +72,20 @@ def token_create(*, user: User, name: str, scope: str, days: int) -> Made:
     return Made(token=token, secret=secret)
 
 
-def token_revoke(*, user: User, token_id: int) -> ApiToken:
-    """Revoke one of the user's tokens (ApiToken.DoesNotExist when it is not theirs or gone)."""
+def token_revoke(
+    *, user: User, token_id: int, by: AbstractBaseUser | AnonymousUser | None = None
+) -> ApiToken:
+    """Revoke one of the user's tokens (ApiToken.DoesNotExist when it is not theirs or gone);
+    `by` is who does it when not its owner (staff, in the admin)."""
+    actor = by or user
     with transaction.atomic():
         token = ApiToken.objects.select_for_update().get(
             user=user, pk=token_id, revoked__isnull=True
         )
         token.revoked = timezone.now()
         token.save(update_fields=["revoked"])
-        audit.record("api_token.revoke", token, by=user)
+        detail = "" if actor.pk == user.pk else f"of {user}"
+        audit.record("api_token.revoke", token, by=actor, detail=detail)
     return token
 
 
