@@ -19,7 +19,12 @@ from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, Stream
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django.views.decorators.http import (
+    require_GET,
+    require_http_methods,
+    require_POST,
+    require_safe,
+)
 
 from . import health, selectors
 from .forms import ApiTokenForm, AuditFilterForm, NewGuestForm, SshKeyForm
@@ -51,7 +56,7 @@ PAGE_SIZE = 50
 STOP_POLLING = 286  # htmx stops polling on this status
 
 
-@require_GET
+@require_safe
 @never_cache
 def healthz(request: HttpRequest) -> JsonResponse:
     """Every part's health as JSON; 503 when any part is down."""
@@ -77,7 +82,7 @@ def _partial(request: HttpRequest, template: str, name: str) -> str:
 
 
 @login_required
-@require_GET
+@require_safe
 def dashboard(request: HttpRequest) -> HttpResponse:
     """The user's guests, requests and quota use (everyone's guests for staff)."""
     filters = selectors.GuestFilters(
@@ -107,7 +112,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
-@require_http_methods(["GET", "POST"])
+@require_http_methods(["GET", "HEAD", "POST"])
 def new_guest(request: HttpRequest) -> HttpResponse:
     """Template cards; with a template chosen, its form; on POST, the request is made."""
     templates = GuestTemplate.objects.filter(enabled=True).select_related("media")
@@ -148,7 +153,7 @@ def new_guest(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
-@require_http_methods(["GET", "POST"])
+@require_http_methods(["GET", "HEAD", "POST"])
 def ssh_keys(request: HttpRequest) -> HttpResponse:
     """The user's SSH public keys and a form to add one."""
     owner = _user(request)
@@ -185,7 +190,7 @@ def ssh_key_remove(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 @login_required
-@require_GET
+@require_safe
 def request_detail(request: HttpRequest, pk: int) -> HttpResponse:
     """A request's steps, progress, console and outcome; the partial stops polling once final."""
     req = get_object_or_404(
@@ -216,7 +221,7 @@ def request_cancel(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 @login_required
-@require_GET
+@require_safe
 def guest_detail(request: HttpRequest, uuid: str) -> HttpResponse:
     """A guest's state, configuration, actions and history."""
     guest = get_object_or_404(
@@ -236,7 +241,7 @@ def guest_detail(request: HttpRequest, uuid: str) -> HttpResponse:
 
 
 @login_required
-@require_GET
+@require_safe
 def guest_stats(request: HttpRequest, uuid: str) -> JsonResponse:
     """The guest's usage graphs' data for ?range=hour (default), day or week, as JSON columns."""
     guest = get_object_or_404(selectors.guests_of(request.user), uuid=uuid)
@@ -481,7 +486,7 @@ def console_token(request: HttpRequest, uuid: str, kind: str) -> JsonResponse:
 
 
 @login_required
-@require_GET
+@require_safe
 def console_page(request: HttpRequest, uuid: str, kind: str) -> HttpResponse:
     """The serial terminal or the screen of a guest, filling the window."""
     guest = get_object_or_404(selectors.guests_of(request.user), uuid=uuid)
@@ -493,7 +498,7 @@ def console_page(request: HttpRequest, uuid: str, kind: str) -> HttpResponse:
 # --- answer files (fetched by installers, not by people) ---
 
 
-@require_GET
+@require_GET  # not HEAD: the token is good for one fetch, which HEAD would spend
 @never_cache
 def answer_file(request: HttpRequest, token: str) -> HttpResponse:
     """A request's answer file, once, while its installer runs: 404 or 410 otherwise."""
@@ -508,7 +513,7 @@ def answer_file(request: HttpRequest, token: str) -> HttpResponse:
 
 
 @login_required
-@require_http_methods(["GET", "POST"])
+@require_http_methods(["GET", "HEAD", "POST"])
 @never_cache
 def api_tokens(request: HttpRequest) -> HttpResponse:
     """The user's API tokens and a form to make one; a new token is shown on this answer only."""
@@ -587,7 +592,7 @@ def _staff_only(request: HttpRequest) -> None:
 
 
 @login_required
-@require_GET
+@require_safe
 @never_cache
 def audit_log(request: HttpRequest) -> HttpResponse:
     """Staff: the audit log, newest first, narrowed by the filters, 50 rows a page."""
@@ -602,7 +607,7 @@ def audit_log(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
-@require_GET
+@require_safe
 @never_cache
 def audit_export(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
     """Staff: the rows the filters select, as CSV, streamed."""

@@ -76,6 +76,8 @@ def test_over_http_unknown_is_404_and_used_expired_or_finished_is_410(
     assert client.get("/install/nosuchtoken/").status_code == 404
     first = ask(template, "ans2")
     installing(first)
+    # HEAD would spend the one fetch without handing the file over: refused, the token kept.
+    assert client.head(f"/install/{first.answer.token}/").status_code == 405
     served = client.get(f"/install/{first.answer.token}/")
     assert served.status_code == 200 and served["Content-Type"].startswith("text/plain")
     assert served.content.decode().startswith("hostname=ans2")

@@ -159,3 +159,15 @@ def test_other_users_get_404_for_every_action_on_my_guest(make_user, guest: Gues
 def test_migration_is_for_staff_only(user_client: Client, guest: Guest) -> None:
     assert user_client.post(f"/guests/{guest.uuid}/migrate").status_code == 404
     assert 'data-action="migrate"' not in user_client.get(f"/guests/{guest.uuid}/").content.decode()
+
+
+def test_head_answers_on_the_pages_as_get_does_without_a_body(
+    user_client: Client, guest: Guest, template: GuestTemplate
+) -> None:
+    pages = ["/", f"/guests/{guest.uuid}/", f"/guests/new?template={template.pk}", "/api/v1/docs"]
+    for path in [*pages, "/healthz"]:  # the health check says 503 here: no listener runs
+        got, head = user_client.get(path), user_client.head(path)
+        assert head.status_code == got.status_code, path
+        assert got.status_code == (200 if path in pages else 503), path
+        assert head.content == b"" and head["Content-Type"] == got["Content-Type"], path
+    assert Client().head("/").status_code == 302  # still behind the login
