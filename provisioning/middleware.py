@@ -111,3 +111,29 @@ def _origin_of(request: HttpRequest) -> contextlib.AbstractContextManager[Any]:
         user=lambda: getattr(request, "user", None),
         ip=request.META.get("REMOTE_ADDR"),
     )
+
+
+class ApiHeadMiddleware:
+    """HEAD on the API answers as its GET would, without the body (the API's operations are
+    declared for GET only, which answered HEAD with 405). A stream (SSE) is not started."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        if request.method != "HEAD" or not request.path_info.startswith("/api/"):
+            return self.get_response(request)
+        request.method = "GET"
+        try:
+            response = self.get_response(request)
+        finally:
+            request.method = "HEAD"
+        if response.streaming:
+            headless = HttpResponse(status=response.status_code)
+            for name, value in response.items():
+                headless[name] = value
+            return headless
+        length = len(response.content)
+        response.content = b""
+        response["Content-Length"] = str(length)
+        return response

@@ -80,6 +80,7 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
     "provisioning.middleware.ServiceUnavailableMiddleware",
+    "provisioning.middleware.ApiHeadMiddleware",
 ]
 
 ROOT_URLCONF = "vmportal.urls"

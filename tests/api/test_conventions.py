@@ -594,3 +594,26 @@ def test_a_method_the_path_does_not_take_is_problem_details(world: World) -> Non
     response = call("PUT", f"{API}/guests", token=world.token("owner"), body={})
     assert_problem(response, 405)
     assert "GET" in response["Allow"]
+
+
+# --- HEAD ---
+
+
+def test_head_answers_as_get_without_the_body_and_starts_no_stream(world: World) -> None:
+    token = world.token("owner")
+    for path in (f"{API}/guests", f"{API}/guests/{world.guest.uuid}", f"{API}/templates"):
+        got = call("GET", path, token=token)
+        head = call("HEAD", path, token=token)
+        assert head.status_code == got.status_code == 200, path
+        assert head.content == b"", path
+        assert head["Content-Type"] == got["Content-Type"], path
+        assert head["Content-Length"] == str(len(got.content)), path
+        assert head.get("ETag") == got.get("ETag"), path
+    # Refusals are the GET's too: no token, someone else's guest.
+    assert call("HEAD", f"{API}/guests").status_code == 401
+    foreign = call("HEAD", f"{API}/guests/{world.guest.uuid}", token=world.token("foreign"))
+    assert foreign.status_code == 404 and foreign.content == b""
+    # A live stream answers its headers and is not started.
+    events = call("HEAD", f"{API}/guests/{world.guest.uuid}/events", token=token)
+    assert events.status_code == 200 and events["Content-Type"].startswith("text/event-stream")
+    assert not events.streaming
