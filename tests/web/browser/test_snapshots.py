@@ -9,7 +9,7 @@ from playwright.sync_api import Page, expect
 from provisioning.hypervisor import operations
 from provisioning.hypervisor import snapshots as hvsnapshots
 from provisioning.hypervisor.connection import get_hypervisor
-from provisioning.models import GuestTemplate, Job
+from provisioning.models import Guest, GuestTemplate, Job
 from tests.factories import PASSWORD
 from tests.support.browser import log_in
 from tests.support.engine import provision_running
@@ -18,15 +18,21 @@ from tests.support.stack import wait_until
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(90)]
 
 
-def test_a_user_takes_reverts_and_deletes_a_snapshot_from_the_guest_page(
-    stack, make_user, kernel_template: GuestTemplate, page: Page
-) -> None:
+def open_guest_page(stack, make_user, template: GuestTemplate, page: Page, name: str) -> Guest:
+    """Sam's running guest on the test driver, its page open in Chromium over the real stack."""
     owner = make_user("sam")
-    guest = provision_running(owner, kernel_template, "snappy").guest
-    hv = get_hypervisor(guest.host.uri)
+    guest = provision_running(owner, template, name).guest
     stack.start("web", "worker", "listener")
     log_in(page, stack.base_url, "sam", PASSWORD)
     page.goto(f"{stack.base_url}/guests/{guest.uuid}/")
+    return guest
+
+
+def test_a_user_takes_reverts_and_deletes_a_snapshot_from_the_guest_page(
+    stack, make_user, kernel_template: GuestTemplate, page: Page
+) -> None:
+    guest = open_guest_page(stack, make_user, kernel_template, page, "snappy")
+    hv = get_hypervisor(guest.host.uri)
     expect(page.locator("#guest-snapshots")).to_contain_text("No snapshots.")
 
     page.locator("#snapshot-name").fill("pre-change")
@@ -59,12 +65,8 @@ def test_a_user_takes_reverts_and_deletes_a_snapshot_from_the_guest_page(
 def test_what_a_user_types_survives_the_stream_redrawing_the_page(
     stack, make_user, kernel_template: GuestTemplate, page: Page
 ) -> None:
-    owner = make_user("sam")
-    guest = provision_running(owner, kernel_template, "typed").guest
+    guest = open_guest_page(stack, make_user, kernel_template, page, "typed")
     hv = get_hypervisor(guest.host.uri)
-    stack.start("web", "worker", "listener")
-    log_in(page, stack.base_url, "sam", PASSWORD)
-    page.goto(f"{stack.base_url}/guests/{guest.uuid}/")
     expect(page.locator("#guest-state")).to_have_text("Running")
 
     page.locator("#snapshot-name").fill("before-upgrade")
