@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from django.contrib.auth.models import AbstractUser
-from django.test import Client
+from django.test import Client, override_settings
 
 from provisioning.hypervisor import operations, storage
 from provisioning.hypervisor.connection import Hypervisor, get_hypervisor
@@ -24,6 +24,13 @@ from tests.support.stack import RedisServer, Stack, point_celery_at
 # Playwright's sync API runs an event loop in the test thread; the ORM calls the tests make around
 # it are still plain synchronous code.
 os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def quick_password_hashes() -> Iterator[None]:
+    """Users made by tests get hashes that cost nothing to make (tests/support/hashers.py)."""
+    with override_settings(PASSWORD_HASHERS=["tests.support.hashers.QuickPBKDF2PasswordHasher"]):
+        yield
 
 
 @pytest.fixture

@@ -141,13 +141,10 @@ def api_test(settings: Any) -> Iterator[None]:
     """What each of these files' tests starts from (opt-in, with `pytestmark`, so the other
     files in this folder are left as they are):
 
-    - quick password hashes: each user's PBKDF2 hash took a second, and the API never checks a
-      password;
     - no call counted yet this minute: SQLite hands a rolled-back test's token ids out again, and
       the counts are kept per token id;
     - whatever audit origin a call names in this thread is gone after the test.
     """
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     server = redis.Redis.from_url(settings.REDIS_URL)
     for name in server.scan_iter("vmportal:api-rate:*"):
         server.delete(name)

@@ -20,7 +20,6 @@ import contextlib
 import io
 import re
 import secrets
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -48,6 +47,7 @@ from tests.support.stack import (
     LOGS,
     Proc,
     RedisServer,
+    listener_argv,
     point_celery_at,
     process_env,
     start_web,
@@ -188,9 +188,7 @@ class HostStack:
     def listener(self, *hosts: Host) -> LoggedProc:
         """`run_listener --host NAME ...` for these hosts only."""
         name = "hosts-listener-" + "-".join(h.name for h in hosts)
-        argv = [sys.executable, "manage.py", "run_listener"]
-        for host in hosts:
-            argv += ["--host", host.name]
+        argv = listener_argv(*(h.name for h in hosts))
         offset = _log_offset(name)
         started = self.procs[name] = LoggedProc(Proc(name, argv, self.env), offset)
         return started
