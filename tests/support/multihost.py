@@ -52,6 +52,7 @@ from tests.support.stack import (
     process_env,
     start_web,
     start_worker,
+    stop_all,
     wait_until,
 )
 
@@ -205,8 +206,7 @@ class HostStack:
         started.proc.stop()
 
     def stop_all(self) -> None:
-        for started in self.procs.values():
-            started.proc.stop()
+        stop_all(started.proc for started in self.procs.values())
 
     def logs(self) -> str:
         """The tails of every process's log since it started, for failure messages."""

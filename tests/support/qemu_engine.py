@@ -41,6 +41,7 @@ from tests.support.stack import (
     process_env,
     start_listener,
     start_worker,
+    stop_all,
     wait_until,
 )
 from vmportal import heartbeat
@@ -155,8 +156,7 @@ def qemu_stack(transactional_db: None, own_redis: RedisServer, settings) -> Iter
         assert all(p.alive() for p in procs), f"a process exited:\n{running.logs()}"
         yield running
     finally:
-        for proc in procs:
-            proc.stop()
+        stop_all(procs)
         watcher.stop()
         point_celery_at(previous)
         for name in running.names:
