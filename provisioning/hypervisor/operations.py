@@ -35,7 +35,15 @@ from .errors import (
     WrongState,
     classify,
 )
-from .types import DomainInfo, GuestAddress, GuestState, guest_state, reason_name, state_name
+from .types import (
+    DomainInfo,
+    GuestAddress,
+    GuestState,
+    NetworkView,
+    guest_state,
+    reason_name,
+    state_name,
+)
 
 __all__ = [
     "agent_connected",
@@ -46,12 +54,12 @@ __all__ = [
     "find_by_name",
     "get_info",
     "get_xml",
-    "guest_addresses",
     "has_managed_save",
     "job_stats",
     "list_domains",
     "make_persistent",
     "managed_save",
+    "network_view",
     "reboot",
     "remove_managed_save",
     "restore",
@@ -440,19 +448,23 @@ ADDRESS_SOURCES = (
 )
 
 
-def guest_addresses(hv: Hypervisor, uuid: str) -> list[GuestAddress]:
-    """The running guest's addresses from every source that answers (none for a stopped one).
+def network_view(hv: Hypervisor, uuid: str) -> NetworkView:
+    """The running guest's addresses from every source that answers, its agent's state and its
+    NIC count, in one round of calls (nothing for a stopped or unknown guest).
 
     Each address appears once, under the first source that knows it; loopback and link-local
-    addresses are left out. A source that cannot answer (no agent, no lease) adds nothing.
+    addresses are left out. A source that cannot answer (no agent, no lease) adds nothing. A
+    guest with no NIC is not asked for addresses at all.
     """
 
-    def run(conn: libvirt.virConnect) -> list[GuestAddress]:
+    def run(conn: libvirt.virConnect) -> NetworkView:
         dom = _lookup_or_none(conn, uuid)
         if dom is None or not dom.isActive():
-            return []
+            return NetworkView()
+        root = etree.fromstring(dom.XMLDesc(0).encode(), _parser())
+        nics = len(root.findall("devices/interface"))
         found: dict[str, GuestAddress] = {}
-        for source, flag in ADDRESS_SOURCES:
+        for source, flag in ADDRESS_SOURCES if nics else ():
             try:
                 interfaces = dom.interfaceAddresses(flag, 0) or {}
             except libvirt.libvirtError:
@@ -471,7 +483,7 @@ def guest_addresses(hv: Hypervisor, uuid: str) -> list[GuestAddress]:
                         family="ipv6" if v6 else "ipv4",
                         source=source,
                     )
-        return list(found.values())
+        return NetworkView(tuple(found.values()), _agent_in(root), nics)
 
     return hv.call(run)
 
@@ -486,7 +498,11 @@ def agent_connected(hv: Hypervisor, uuid: str) -> bool:
         xml = get_xml(hv, uuid)
     except NotFound:
         return False
-    root = etree.fromstring(xml.encode(), _parser())
+    return _agent_in(etree.fromstring(xml.encode(), _parser()))
+
+
+def _agent_in(root: etree._Element) -> bool:
+    """Whether a live domain XML shows the guest agent's channel connected."""
     target = root.find(f"devices/channel/target[@name='{AGENT_CHANNEL}']")
     return target is not None and target.get("state") == "connected"
 

@@ -241,3 +241,13 @@ class GuestAddress:
     mac: str
     family: str  # "ipv4" or "ipv6"
     source: str
+
+
+@dataclass(frozen=True)
+class NetworkView:
+    """What one look at a guest finds: its addresses, whether its agent is connected, and how
+    many NICs its live config has (none: no address will ever show)."""
+
+    addresses: tuple[GuestAddress, ...] = ()
+    agent_connected: bool = False
+    nics: int = 0

@@ -21,6 +21,7 @@ from provisioning.channels import GUESTS, guest_channel, owner_channel
 from provisioning.hypervisor import operations
 from provisioning.hypervisor.connection import get_hypervisor
 from provisioning.hypervisor.errors import HypervisorError
+from provisioning.hypervisor.types import NetworkView
 from provisioning.models import Guest, Host
 from provisioning.services import transitions
 
@@ -41,16 +42,20 @@ RECHECK_PER_PASS = 20
 
 def guest_refresh_network(guest: Guest) -> bool:
     """Read the guest's addresses and agent state from libvirt; True if the row changed."""
+    return _refresh(guest)[1]
+
+
+def _refresh(guest: Guest) -> tuple[NetworkView | None, bool]:
+    """What libvirt says of the guest's network (None: it could not say), and whether its row
+    changed."""
     hv = get_hypervisor(guest.host.uri)
-    uuid = str(guest.uuid)
     try:
-        found = operations.guest_addresses(hv, uuid)
-        agent = operations.agent_connected(hv, uuid)
+        view = operations.network_view(hv, str(guest.uuid))
     except HypervisorError as exc:
         log.info("cannot read the addresses of %s: %s", guest, exc)
-        return False
-    addresses = [dataclasses.asdict(a) for a in found]
-    return _record(guest, addresses=addresses, agent_connected=agent)
+        return None, False
+    addresses = [dataclasses.asdict(a) for a in view.addresses]
+    return view, _record(guest, addresses=addresses, agent_connected=view.agent_connected)
 
 
 def guest_forget_network(guest: Guest) -> bool:
@@ -103,15 +108,18 @@ def watch_after_start(guest: Guest, host: Host) -> None:
 
 
 def look_after_start(guest_id: int, since: str, attempt: int) -> None:
-    """One look after a start; queued again until an IPv4 address shows or time is up.
+    """One look after a start; queued again until an IPv4 address shows or time is up (or the
+    guest turns out to have no NIC).
 
     `attempt` counts the looks (it shows in the worker's log)."""
     guest = Guest.objects.select_related("host").filter(pk=guest_id).first()
     if guest is None or guest.state != Guest.State.RUNNING:
         return  # gone or stopped: its next start watches again
-    guest_refresh_network(guest)
+    view, _changed = _refresh(guest)
     if any(a.get("family") == "ipv4" for a in guest.addresses):
         return
+    if view is not None and not view.nics:
+        return  # no NIC, no address to wait for; agent events still say when its agent comes
     waited = timezone.now() - datetime.fromisoformat(since)
     if waited > LOOK_FOR:
         log.info("no address for %s after %s", guest, LOOK_FOR)

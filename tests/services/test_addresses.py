@@ -21,6 +21,7 @@ from django.utils import timezone
 from provisioning import selectors
 from provisioning.channels import guest_channel
 from provisioning.hypervisor import operations
+from provisioning.hypervisor.types import NetworkView
 from provisioning.models import Guest, GuestTemplate, Host, Job
 from provisioning.services import actions, addresses
 from provisioning.services.guests import guest_sync_state
@@ -78,23 +79,49 @@ def test_a_started_guest_is_watched_and_its_addresses_land_on_the_row_with_their
     assert news is not None and json.loads(news["data"])["addresses"] == [address["ip"]]
 
 
+def looks(guest: Guest) -> list[list[Any]]:
+    """The looks for this guest's addresses queued on its host (their argument lists)."""
+    return [
+        args
+        for name, args in queued(guest.host.queue)
+        if name == "provisioning.look_for_addresses" and args.startswith(f"({guest.pk},")
+    ]
+
+
 def test_the_look_comes_again_with_backoff_until_an_address_shows_then_stops(
-    make_user: Any, kernel_template: GuestTemplate
+    guest: Guest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # No NIC, so no address ever: the look queues the next one, until the time is up.
-    guest = provision_running(make_user("kim"), kernel_template, "net2").guest
-    q = guest.host.queue
-
-    def looks() -> list[list[Any]]:
-        return [args for name, args in queued(q) if name == "provisioning.look_for_addresses"]
-
-    before = looks()
+    # The test driver hands every NIC an address at once; a guest still waiting for its DHCP
+    # lease is what it cannot show, so the look is told of a NIC and no address.
+    monkeypatch.setattr(operations, "network_view", lambda hv, uuid: NetworkView(nics=1))
+    Guest.objects.filter(pk=guest.pk).update(addresses=[])
+    guest.refresh_from_db()
+    before = looks(guest)
     addresses.look_after_start(guest.pk, timezone.now().isoformat(), 3)
-    (again,) = [args for args in looks() if args not in before]
+    (again,) = [args for args in looks(guest) if args not in before]
     assert again.startswith(f"({guest.pk},") and again.endswith(", 4)")
     long_ago = (timezone.now() - addresses.LOOK_FOR - timedelta(seconds=1)).isoformat()
     addresses.look_after_start(guest.pk, long_ago, 9)
-    assert len(looks()) == len(before) + 1  # time is up: no further look
+    assert len(looks(guest)) == len(before) + 1  # time is up: no further look
+    monkeypatch.undo()  # the real look: the lease is there, and the looks end
+    addresses.look_after_start(guest.pk, timezone.now().isoformat(), 5)
+    assert len(looks(guest)) == len(before) + 1
+    guest.refresh_from_db()
+    assert guest.addresses
+
+
+def test_a_guest_without_a_nic_is_not_watched_and_a_look_at_one_is_its_last(
+    make_user: Any, kernel_template: GuestTemplate
+) -> None:
+    guest = provision_running(make_user("kim"), kernel_template, "net2").guest
+    assert looks(guest) == []  # the start step queued no look: there is nothing to find
+    view = operations.network_view(hv(), str(guest.uuid))
+    assert view == NetworkView(addresses=(), agent_connected=False, nics=0)
+    # Started some other way (a look is queued after every start): one look, and no more.
+    addresses.look_after_start(guest.pk, timezone.now().isoformat(), 0)
+    assert looks(guest) == []
+    guest.refresh_from_db()
+    assert guest.addresses == [] and guest.addresses_checked is not None
 
 
 def test_a_stopped_guest_forgets_its_addresses(guest: Guest) -> None:

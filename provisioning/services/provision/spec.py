@@ -104,6 +104,15 @@ class Plan:
         return [v for v in made if v]
 
     @property
+    def nics(self) -> tuple[domxml.NicSpec, ...]:
+        """The guest's NICs: one on the template's network, or none."""
+        network = self.template.network
+        if network is None:
+            return ()
+        kind = {"network": "network", "bridge": "bridge"}[network.kind]
+        return (domxml.NicSpec(mac=self.guest.mac, **{kind: network.source}),)
+
+    @property
     def installs(self) -> bool:
         """Whether an installer runs before the final config (not for images or one-phase)."""
         t = self.template
@@ -199,10 +208,6 @@ class Plan:
                 else t.media.path
             )
             media = domxml.BootMedia(iso=iso)
-        nics: tuple[domxml.NicSpec, ...] = ()
-        if t.network is not None:
-            kind = {"network": "network", "bridge": "bridge"}[t.network.kind]
-            nics = (domxml.NicSpec(mac=g.mac, **{kind: t.network.source}),)
         return domxml.GuestSpec(
             name=g.name,
             uuid=self.uuid,
@@ -216,7 +221,7 @@ class Plan:
                     [v for v in (self.volume, self.data_volume) if v], ("vda", "vdb"), strict=False
                 )
             ),
-            nics=nics,
+            nics=self.nics,
             media=media,
             final_boot=t.final_boot,  # type: ignore[arg-type]
             bootloader=t.bootloader_path or None,

@@ -397,7 +397,7 @@ def _start(run: Run) -> None:
     with transaction.atomic():
         guest_sync_state(host=plan.host, info=info, guest=plan.guest)
         run.move(Status.STARTING, Status.RUNNING, _started(plan.transient, info, r.autodestroy))
-    if info.active:
+    if info.active and plan.nics:  # with no NIC there is no address to look for
         addresses.watch_after_start(plan.guest, plan.host)
 
 
