@@ -13,7 +13,7 @@ from provisioning.hypervisor.connection import get_hypervisor
 from provisioning.hypervisor.types import DomainInfo, GuestState
 from provisioning.models import Guest, Host, Job, ProvisioningRequest
 from provisioning.services import actions, addresses, audit, provision, snapshots
-from provisioning.services.guests import guest_agrees, guest_sync_state
+from provisioning.services.guests import NOT_SEEN, guest_agrees, guest_sync_state
 
 log = logging.getLogger(__name__)
 # The reason a vanished autodestroy guest is recorded with (Guest.state_reason, 32 at most).
@@ -76,7 +76,9 @@ def domain_changed(*, host: Host, uuid: str, info: DomainInfo | None = None) -> 
     was_running = guest.state == Guest.State.RUNNING
     if not guest_agrees(guest, info):
         before = guest.state
-        guest_sync_state(host=host, info=info, guest=guest)
+        # A job that ran since the row was read recorded a later state than this one.
+        if not guest_sync_state(host=host, info=info, guest=guest, seen=guest.state_changed):
+            return
         _record_seen(guest, before, info)
     if info.state == GuestState.RUNNING and not was_running:
         addresses.watch_after_start(guest, host)  # started behind the portal's back
@@ -104,6 +106,8 @@ def reconcile_host(host: Host) -> dict[str, int]:
 
 def _reconcile_host(host: Host) -> dict[str, int]:
     hv = get_hypervisor(host.uri)
+    # The rows' last state change as it was before libvirt is read (see guest_sync_state).
+    seen = dict(Guest.objects.filter(host=host).values_list("uuid", "state_changed"))
     domains = {d.uuid: d for d in operations.list_domains(hv)}
     migrating = Job.objects.filter(kind=Job.Kind.MIGRATE, status__in=Job.ACTIVE)
     # A persistent guest found here that the portal places elsewhere moved here (a migration
@@ -148,7 +152,7 @@ def _reconcile_host(host: Host) -> dict[str, int]:
         if guest.state == Guest.State.UNDEFINED and not info.exists:
             continue
         before = guest.state
-        if guest_sync_state(host=host, info=info):
+        if guest_sync_state(host=host, info=info, seen=seen.get(guest.uuid, NOT_SEEN)):
             synced += 1
             if before != info.state.value:
                 _record_seen(guest, before, info)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.db.models import Q
 from django.utils import timezone
 
 from provisioning.channels import GUESTS, guest_channel, owner_channel
@@ -28,14 +29,30 @@ def guest_agrees(guest: Guest, info: DomainInfo) -> bool:
     return all(getattr(guest, k) == v for k, v in _state_of(info).items())
 
 
-def guest_sync_state(*, host: Host, info: DomainInfo, guest: Guest | None = None) -> bool:
-    """Record libvirt's view of one domain on its Guest row; False when the portal has none.
+# `seen` when the caller did not read the row before libvirt (see guest_sync_state).
+NOT_SEEN = object()
 
-    `guest` is the row when the caller has it loaded (it spares a look-up).
+
+def guest_sync_state(
+    *, host: Host, info: DomainInfo, guest: Guest | None = None, seen: object = NOT_SEEN
+) -> bool:
+    """Record libvirt's view of one domain on its Guest row; whether the row now says it
+    (False when the portal has no row, or a job's state stands; see below).
+
+    `guest` is the row when the caller has it loaded (it spares a look-up). An observer (an
+    event, a reconcile pass) passes as `seen` the row's `state_changed` as it read it before it
+    read libvirt. If a job recorded a state since, the job read libvirt after the observer did,
+    and its state stands: the observer's write would undo, say, a suspend that just succeeded.
     """
     rows = Guest.objects.filter(host=host, uuid=info.uuid)
     state = _state_of(info)
-    updated = rows.exclude(**state).update(**state, state_changed=timezone.now())
+    changing = rows.exclude(**state)
+    if seen is not NOT_SEEN:
+        unchanged = Q(state_changed__isnull=True) if seen is None else Q(state_changed=seen)
+        changing = changing.filter(unchanged)
+    updated = changing.update(**state, state_changed=timezone.now())
+    if not updated and seen is not NOT_SEEN and not rows.filter(**state).exists():
+        return False  # no row, or a job recorded a later state, which stands
     mine = guest is not None and str(guest.uuid) == info.uuid and guest.host_id == host.pk
     if mine:
         for name, value in state.items():

@@ -23,7 +23,7 @@ from provisioning.hypervisor import operations
 from provisioning.hypervisor.connection import Hypervisor
 from provisioning.hypervisor.types import DomainInfo, GuestState
 from provisioning.models import Guest, GuestTemplate, Host, Job, ProvisioningRequest
-from provisioning.services import events, provision, transitions
+from provisioning.services import actions, events, provision, transitions
 from tests.support.engine import (
     hv,
     info_of,
@@ -329,6 +329,58 @@ def test_an_event_while_a_job_runs_leaves_the_row_to_the_job(
     transitions.job_move(job.pk, expected=Job.Status.RUNNING, to=Job.Status.SUCCEEDED)
     events.domain_changed(host=test_host, uuid=str(guest.uuid))
     assert row(guest).state == Guest.State.PAUSED  # with no job, events apply again
+
+
+def run_action(guest: Guest, kind: str) -> None:
+    """A user's lifecycle job on the guest, run to its end as a worker runs it."""
+    job = actions.guest_action(guest=row(guest), kind=kind, by=guest.owner)
+    actions.run_job(job.pk)
+    assert Job.objects.get(pk=job.pk).status == Job.Status.SUCCEEDED
+
+
+def test_an_event_read_before_a_suspend_landed_does_not_undo_it(
+    make_user: Any, test_host: Host, kernel_template: GuestTemplate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Seen in the bench: the listener read the row (paused), then libvirt (running: a resume had
+    # just run), and a suspend succeeded before its write, which put "running" back on the row.
+    # Here the jobs run inside the listener's read of libvirt, where a slow listener met them.
+    guest = provision_running(make_user("ann"), kernel_template, "ev-late").guest
+    run_action(guest, "suspend")
+    real = operations.get_info
+
+    def read_between_two_jobs(hv: Hypervisor, uuid: str) -> DomainInfo:
+        run_action(guest, "resume")
+        info = real(hv, uuid)
+        run_action(guest, "suspend")
+        return info
+
+    monkeypatch.setattr(operations, "get_info", read_between_two_jobs)
+    events.domain_changed(host=test_host, uuid=str(guest.uuid))
+    monkeypatch.undo()
+    assert info_of(guest).state == GuestState.PAUSED
+    assert row(guest).state == Guest.State.PAUSED  # the suspend's state stands
+    events.domain_changed(host=test_host, uuid=str(guest.uuid))  # a timely event agrees
+    assert row(guest).state == Guest.State.PAUSED
+
+
+def test_a_reconcile_pass_that_listed_the_domains_before_a_suspend_does_not_undo_it(
+    make_user: Any, test_host: Host, kernel_template: GuestTemplate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    guest = provision_running(make_user("ann"), kernel_template, "rec-late").guest
+    real = operations.list_domains
+
+    def list_then_a_suspend(hv: Hypervisor) -> list[DomainInfo]:
+        domains = real(hv)
+        run_action(guest, "suspend")
+        return domains
+
+    monkeypatch.setattr(operations, "list_domains", list_then_a_suspend)
+    events.reconcile_host(test_host)
+    assert row(guest).state == Guest.State.PAUSED
+    monkeypatch.undo()
+    operations.resume(hv(), str(guest.uuid))  # behind the portal's back: the next pass sees it
+    events.reconcile_host(test_host)
+    assert row(guest).state == Guest.State.RUNNING
 
 
 def test_a_shutdown_job_still_hears_the_guest_stop(
