@@ -21,7 +21,7 @@ from provisioning.hypervisor.connection import Hypervisor, get_hypervisor
 from provisioning.hypervisor.errors import HypervisorError, NotFound, WrongState
 from provisioning.hypervisor.types import DomainInfo, GuestState
 from provisioning.models import Guest, Job
-from provisioning.services import addresses, audit, snapshots, stats, transitions
+from provisioning.services import addresses, jobs, snapshots, stats, transitions
 from provisioning.services.guests import guest_sync_state
 from provisioning.services.provision.spec import seed_volume
 
@@ -89,26 +89,16 @@ def refusal(guest: Guest, kind: str) -> str | None:
 
 def guest_action(*, guest: Guest, kind: str, by: AbstractBaseUser | None, **options: Any) -> Job:
     """Open a job for the action (GuestBusy if another runs) and queue it after commit."""
-    action = f"guest.{kind}"[:40]
-    refused = refusal(guest, kind)
-    if refused is not None:
-        audit.refused(action, guest, refused, by=by)
-        raise ActionRefused(refused)
-    try:
-        with transaction.atomic():
-            job = transitions.job_open(
-                kind=Job.Kind(kind),
-                guest=guest,
-                created_by=by,
-                data=options,
-                note=f"{Job.Kind(kind).label} requested",
-            )
-            audit.record(action, guest, by=by, detail=f"job #{job.pk}", changes=_asked(options))
-            queue.send_on_commit(queue.RUN_JOB, job.pk, queue=guest.host.queue)
-    except transitions.GuestBusy as exc:
-        audit.refused(action, guest, str(exc), by=by)
-        raise
-    return job
+    return jobs.job_ask(
+        guest,
+        kind,
+        by,
+        f"guest.{kind}"[:40],
+        refused=(refusal(guest, kind), ActionRefused),
+        data=options,
+        note=f"{Job.Kind(kind).label} requested",
+        changes=_asked(options),
+    )
 
 
 def _asked(options: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

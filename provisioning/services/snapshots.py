@@ -20,7 +20,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from provisioning import faults, queue
+from provisioning import faults
 from provisioning.channels import guest_channel
 from provisioning.hypervisor import domxml, operations, storage
 from provisioning.hypervisor import snapshots as hvsnapshots
@@ -28,7 +28,7 @@ from provisioning.hypervisor.connection import Hypervisor
 from provisioning.hypervisor.errors import HypervisorError, NotFound
 from provisioning.hypervisor.types import DomainInfo
 from provisioning.models import SNAPSHOT_NAME_MAX, Guest, Host, Job, Quota, Snapshot
-from provisioning.services import audit, transitions
+from provisioning.services import audit, jobs, transitions
 from vmportal.heartbeat import client
 
 K = Job.Kind
@@ -108,32 +108,18 @@ def refusal(
 
 def _ask(guest: Guest, kind: str, by: AbstractBaseUser | None, data: dict[str, Any]) -> Job:
     audited: dict[str, str] = {K.SNAPSHOT: "snapshot.take", K.REVERT: "snapshot.revert"}
-    action = audited.get(kind, "snapshot.delete")
-    refused = refusal(guest, kind, name=data["name"])
-    if refused is not None:
-        audit.refused(action, guest, refused, by=by)
-        raise SnapshotRefused(refused)
-    try:
-        with transaction.atomic():
-            job = transitions.job_open(
-                kind=Job.Kind(kind),
-                guest=guest,
-                created_by=by,
-                data=data,
-                note=f"{Job.Kind(kind).label} requested: {data['name']}",
-            )
-            audit.record(
-                action,
-                guest,
-                by=by,
-                detail=f"{data['name']} (job #{job.pk})",
-                changes={"snapshot": (None, data["name"])},
-            )
-            queue.send_on_commit(queue.RUN_JOB, job.pk, queue=guest.host.queue)
-    except transitions.GuestBusy as exc:
-        audit.refused(action, guest, str(exc), by=by)
-        raise
-    return job
+    name = data["name"]
+    return jobs.job_ask(
+        guest,
+        kind,
+        by,
+        audited.get(kind, "snapshot.delete"),
+        refused=(refusal(guest, kind, name=name), SnapshotRefused),
+        data=data,
+        note=f"{Job.Kind(kind).label} requested: {name}",
+        about=name,
+        changes={"snapshot": (None, name)},
+    )
 
 
 def scheduled_prefix(schedule_id: int) -> str:
