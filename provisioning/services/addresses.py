@@ -2,8 +2,9 @@
 
 libvirt knows a guest's addresses from its network's DHCP leases, from the guest agent, or from
 the host's ARP table, but says nothing when a lease appears. So after every start the guest's
-host looks again, often at first and then less, for a bounded time until an address shows;
-agent events and the periodic reconcile look too. All of it runs on the guest's host (a task or
+host looks again, often at first and then less, for a bounded time until an address shows (a
+guest with no NIC gets one look at most: it will never have an address); agent events and the
+periodic reconcile look too. All of it runs on the guest's host (a task or
 the listener), never in a web request: pages read the row, and live pages hear of a change
 through the guest's news.
 """
