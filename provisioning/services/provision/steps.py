@@ -302,11 +302,14 @@ def _install(run: Run) -> None:
     plan = run.plan
     spec = plan.spec()
     info = operations.get_info(plan.hv, plan.uuid)
+    ran = False
     if not info.active:
+        _still_in(run, Status.INSTALLING)
+        ran = _installer_ran(plan)
+    if not info.active and not ran:
         # Also for a rebuild: createXML starts the inactive persistent guest (same name and
         # UUID) with the installer's config, leaving its persistent config for the next boot.
         install_xml = domxml.install_xml(spec)
-        _still_in(run, Status.INSTALLING)
         try:
             try:
                 # Paused until the final config is in place, so nothing runs half-registered.
@@ -329,12 +332,15 @@ def _install(run: Run) -> None:
             _define_final(plan, spec)
             if paused:
                 operations.resume(plan.hv, plan.uuid)
-    else:
+    elif info.active:
         _define_final(plan, spec)
         if info.state == GuestState.PAUSED:
             # An earlier run died between creating the installer paused and resuming it.
             with contextlib.suppress(WrongState):  # a duplicate run resumed it first
                 operations.resume(plan.hv, plan.uuid)
+    # Else the installer ran and powered off since this run read libvirt: a duplicate run
+    # created it (and defined the final config). Booting it again would install a second time
+    # while the request waited for it (seen in CI); the move says whether that run moved on.
     _crash_point("installing:defined")
     deadline = timezone.now() + timedelta(minutes=plan.template.install_timeout_minutes)
     run.move(Status.INSTALLING, Status.WAITING, "Installer running", deadline=deadline)
@@ -343,6 +349,16 @@ def _install(run: Run) -> None:
     info = operations.get_info(plan.hv, plan.uuid)
     if not info.active and request_domain_stopped(run.request.pk, queue_next=False, info=info):
         run.request.status = Status.DEFINING
+
+
+def _installer_ran(plan: Plan) -> bool:
+    """Whether an installer of this request has run: the guest's persistent config is this
+    request's final config, which a run defines right after creating the installer."""
+    try:
+        xml = operations.get_xml(plan.hv, plan.uuid, inactive=True)
+    except NotFound:
+        return False
+    return domxml.read_metadata(xml).get("request") == str(plan.request.pk)
 
 
 def _define(run: Run) -> None:
