@@ -302,45 +302,19 @@ def _install(run: Run) -> None:
     plan = run.plan
     spec = plan.spec()
     info = operations.get_info(plan.hv, plan.uuid)
-    ran = False
-    if not info.active:
-        _still_in(run, Status.INSTALLING)
-        ran = _installer_ran(plan)
-    if not info.active and not ran:
-        # Also for a rebuild: createXML starts the inactive persistent guest (same name and
-        # UUID) with the installer's config, leaving its persistent config for the next boot.
-        install_xml = domxml.install_xml(spec)
-        try:
-            try:
-                # Paused until the final config is in place, so nothing runs half-registered.
-                _create(plan, install_xml, "install", paused=True)
-                paused = True
-            except Unsupported:
-                _create(plan, install_xml, "install")
-                paused = False
-        except (AlreadyExists, WrongState):
-            # A duplicate run of this step got there first (libvirt says "already active" when
-            # the guest with this UUID runs): make sure of the final config, as that run does.
-            info = operations.get_info(plan.hv, plan.uuid)
-            if not info.active:
-                raise StepFailed(f"a different guest named {plan.guest.name} exists") from None
-            _define_final(plan, spec)
-        else:
-            _crash_point("installing:created")
-            # virt-install's way: the persistent final config exists from the first second, so a
-            # crash from here on leaves a guest that only needs starting, never an orphan.
-            _define_final(plan, spec)
-            if paused:
-                operations.resume(plan.hv, plan.uuid)
-    elif info.active:
+    if info.active:
         _define_final(plan, spec)
         if info.state == GuestState.PAUSED:
             # An earlier run died between creating the installer paused and resuming it.
             with contextlib.suppress(WrongState):  # a duplicate run resumed it first
                 operations.resume(plan.hv, plan.uuid)
-    # Else the installer ran and powered off since this run read libvirt: a duplicate run
-    # created it (and defined the final config). Booting it again would install a second time
-    # while the request waited for it (seen in CI); the move says whether that run moved on.
+    else:
+        _still_in(run, Status.INSTALLING)
+        # Since this run read libvirt, a duplicate run may have created the installer, which
+        # powered off already: booting it again would install a second time while the request
+        # waited for it (the two-workers test, once). The move says whether that run moved on.
+        if not _installer_ran(plan):
+            _create_installer(plan, spec)
     _crash_point("installing:defined")
     deadline = timezone.now() + timedelta(minutes=plan.template.install_timeout_minutes)
     run.move(Status.INSTALLING, Status.WAITING, "Installer running", deadline=deadline)
@@ -349,6 +323,34 @@ def _install(run: Run) -> None:
     info = operations.get_info(plan.hv, plan.uuid)
     if not info.active and request_domain_stopped(run.request.pk, queue_next=False, info=info):
         run.request.status = Status.DEFINING
+
+
+def _create_installer(plan: Plan, spec: domxml.GuestSpec) -> None:
+    """Boot the installer and define the final config at once (unless a duplicate run did)."""
+    # Also for a rebuild: createXML starts the inactive persistent guest (same name and UUID)
+    # with the installer's config, leaving its persistent config for the next boot.
+    install_xml = domxml.install_xml(spec)
+    try:
+        try:
+            # Paused until the final config is in place, so nothing runs half-registered.
+            _create(plan, install_xml, "install", paused=True)
+            paused = True
+        except Unsupported:
+            _create(plan, install_xml, "install")
+            paused = False
+    except (AlreadyExists, WrongState):
+        # A duplicate run of this step got there first (libvirt says "already active" when the
+        # guest with this UUID runs): make sure of the final config, as that run does.
+        if not operations.get_info(plan.hv, plan.uuid).active:
+            raise StepFailed(f"a different guest named {plan.guest.name} exists") from None
+        _define_final(plan, spec)
+    else:
+        _crash_point("installing:created")
+        # virt-install's way: the persistent final config exists from the first second, so a
+        # crash from here on leaves a guest that only needs starting, never an orphan.
+        _define_final(plan, spec)
+        if paused:
+            operations.resume(plan.hv, plan.uuid)
 
 
 def _installer_ran(plan: Plan) -> bool:
